@@ -1,0 +1,1 @@
+"""gradguard.keras (work in progress)."""

@@ -1,0 +1,1 @@
+"""gradguard.lightning (work in progress)."""

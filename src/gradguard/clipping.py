@@ -1,0 +1,136 @@
+"""Clipping policies: small pure ``init``/``update`` pairs with explicit state, one per rule.
+
+Each rule is written once, against the array namespace ``xp`` (see ``gradguard.ops``), and runs
+on the device inside the host framework: torch tensors in ``gradguard.torch``, ``keras.ops`` inside
+the compiled train step in ``gradguard.keras``. State is a flat ``dict[str, float]`` of scalars so
+that adapters can hold it as tensors or framework Variables and checkpoint it.
+
+``update(state, norm, signals, xp) -> (max_norm, new_state)`` receives the global gradient norm of
+this step (finite: non-finite steps never reach a policy) and the spike tracker's signals, and
+returns the largest global norm allowed this step (``inf`` for "do not clip").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+INF = float("inf")
+
+
+class Signals(NamedTuple):
+    """What the spike tracker saw this step, before it ingested the step."""
+
+    spike: Any  # 1.0 when this step's norm is a spike, else 0.0
+    log_level: Any  # running level of log(norm)
+    log_sigma: Any  # running spread of log(norm), floored
+
+
+class ClipPolicy(NamedTuple):
+    name: str
+    init: Callable[[], dict[str, float]]
+    update: Callable[[Mapping[str, Any], Any, Signals, Any], tuple[Any, dict[str, Any]]]
+    describe: str
+
+
+def no_clipping() -> ClipPolicy:
+    return ClipPolicy("none", dict, lambda state, norm, signals, xp: (INF, dict(state)), "no clipping")
+
+
+def fixed(max_norm: float) -> ClipPolicy:
+    """Clip the global norm to a constant (what ``clip_grad_norm_`` and ``global_clipnorm`` do)."""
+    max_norm = _positive("clip", max_norm)
+
+    def init():
+        return {"max_norm": max_norm}
+
+    def update(state, norm, signals, xp):
+        return state["max_norm"], dict(state)
+
+    return ClipPolicy("fixed", init, update, f"fixed max global norm {max_norm:g}")
+
+
+def zscore(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, eps: float = 1e-6) -> ClipPolicy:
+    """ZClip: EMA mean/variance of the global norm; a norm whose z-score exceeds ``z_thresh`` is
+    clipped to ``mean + z_thresh**2 / z * std`` (adaptive scaling: larger outliers are cut harder),
+    and the EMA ingests the clipped value so a spike does not inflate the statistics.
+    The first ``warmup_steps`` only gather the mean and variance.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    z_thresh = _positive("z_thresh", z_thresh)
+    if int(warmup_steps) != warmup_steps or warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be a positive integer, got {warmup_steps!r}")
+
+    def init():
+        return {"count": 0.0, "mean": 0.0, "var": 0.0}
+
+    def update(state, norm, signals, xp):
+        count, mean, var = state["count"], state["mean"], state["var"]
+        warm = count >= warmup_steps
+        std = xp.sqrt(var)
+        z = (norm - mean) / (std + eps)
+        outlier = warm & (z > z_thresh)
+        # Where the threshold is used z > z_thresh; the maximum only keeps the other branch finite.
+        threshold = xp.where(outlier, mean + z_thresh * z_thresh * std / xp.maximum(z, z_thresh), INF)
+        seen = xp.where(outlier, threshold, norm)
+        # Warm-up: running mean and (population) variance; afterwards the EMA.
+        n = count + 1.0
+        w_mean = mean + (seen - mean) / n
+        w_var = (var * count + (seen - mean) * (seen - w_mean)) / n
+        e_mean = alpha * mean + (1.0 - alpha) * seen
+        e_var = alpha * var + (1.0 - alpha) * (seen - e_mean) * (seen - e_mean)
+        new = {
+            "count": count + 1.0,
+            "mean": xp.where(warm, e_mean, w_mean),
+            "var": xp.where(warm, e_var, w_var),
+        }
+        return threshold, new
+
+    return ClipPolicy("zscore", init, update, f"ZClip z-score (alpha={alpha:g}, z={z_thresh:g}, warm-up {warmup_steps})")
+
+
+def auto(clip_z: float = 2.5) -> ClipPolicy:
+    """Off while gradients are healthy. The first spike the tracker sees (a norm an order of
+    magnitude above its running level, and unusual for this run's noise) switches clipping on,
+    on the device, for that very step and every step after: the threshold is then the tracker's
+    level plus ``clip_z`` spreads, so it follows the run's own scale. The host may also switch it
+    on (state ``enabled``) when it diagnoses an explosion the tracker did not see.
+    """
+    clip_z = _positive("clip_z", clip_z)
+
+    def init():
+        return {"enabled": 0.0}
+
+    def update(state, norm, signals, xp):
+        enabled = xp.maximum(state["enabled"], signals.spike)
+        threshold = xp.where(enabled > 0, xp.exp(signals.log_level + clip_z * signals.log_sigma), INF)
+        return threshold, {"enabled": enabled}
+
+    return ClipPolicy("auto", init, update, "auto: off until a spike or an explosion, then adaptive")
+
+
+CLIP_NAMES = ("auto", "zscore")
+
+
+def resolve(clip: Any) -> ClipPolicy:
+    """Turn the user's ``clip=`` argument into a policy; raises naming the argument and value."""
+    if clip is None:
+        return no_clipping()
+    if isinstance(clip, ClipPolicy):
+        return clip
+    if isinstance(clip, str):
+        if clip == "auto":
+            return auto()
+        if clip == "zscore":
+            return zscore()
+        raise ValueError(f"clip must be None, 'auto', 'zscore', a positive float or a ClipPolicy, got {clip!r}")
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+        raise TypeError(f"clip must be None, 'auto', 'zscore', a positive float or a ClipPolicy, got {clip!r}")
+    return fixed(float(clip))
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)

@@ -309,7 +309,7 @@ class TorchEngine:
         if reduce == "sum":
             out.index_add_(0, self._idx_t, values)
         else:
-            out.index_reduce_(0, self._idx_t, values, "amax", include_self=True)
+            out.scatter_reduce_(0, self._idx_t, values, "amax")
         return out.cpu().numpy().astype(np.float64)
 
     def _take_snapshot(self, grads, layer_sq) -> stats.Snapshot:

@@ -62,13 +62,15 @@ class Sink:
 
 
 class JsonlSink(Sink):
-    """One JSON object per line: ``{"type": "step", ...}`` per log step and
+    """``path``: a ``.jsonl`` file, or a directory to write ``gradguard.jsonl`` into.
+
+    One JSON object per line: ``{"type": "step", ...}`` per log step and
     ``{"type": "finding", "new": bool, ...}`` per new or updated finding. ``gradguard.report``
     turns the file into an HTML report."""
 
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
-        if os.path.isdir(path) or path.endswith(os.sep):
+        if not path.endswith(".jsonl"):  # a directory: the file goes inside it
             path = os.path.join(path, "gradguard.jsonl")
         parent = os.path.dirname(path)
         if parent:

@@ -31,7 +31,7 @@ class TrackerConfig:
     the run's running level *and* (after ``warmup_steps``) ``spike_z`` spreads above it, both in
     log space, so the test is scale-free and adapts to how noisy this run's gradients are."""
 
-    alpha: float = 0.97
+    alpha: float = 0.9  # ~10-step memory: slow healthy growth is followed, a jump within a few steps is not
     spike_factor: float = 10.0
     spike_z: float = 3.0
     warmup_steps: int = 10
@@ -132,13 +132,16 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     s["acc_spikes"] = s["acc_spikes"] + spike
     s["acc_first_spike"] = xp.where((spike > 0) & (s["acc_first_spike"] < 0), index, s["acc_first_spike"])
     s["acc_max_jump"] = xp.maximum(s["acc_max_jump"], xp.where((positive > 0) & (count >= tracker.min_steps), jump, 0.0))
-    # A spike is ingested at the edge of the normal range, so the level does not chase an explosion.
-    seen = xp.where(spike > 0, mean + tracker.spike_z * sigma, x)
+    # Winsorised EMA: a step beyond spike_z spreads is ingested at that edge and leaves the spread
+    # alone, so neither a spike nor a running explosion drags the level up after itself.
+    edge = mean + tracker.spike_z * sigma
+    capped = xp.asfloat(x > edge) * xp.asfloat(count >= tracker.min_steps)
+    seen = xp.where(capped > 0, edge, x)
     weight = xp.minimum(count / (count + 1.0), tracker.alpha)  # running mean first, then the EMA
     new_mean = xp.where(count > 0, weight * mean + (1.0 - weight) * seen, seen)
     new_var = xp.where(count > 0, weight * var + (1.0 - weight) * (seen - new_mean) * (seen - new_mean), 0.0)
     s["trk_mean"] = xp.where(positive > 0, new_mean, mean)
-    s["trk_var"] = xp.where(positive > 0, new_var, var)
+    s["trk_var"] = xp.where((positive > 0) & (capped < 1), new_var, var)
     s["trk_count"] = count + positive
 
     # Clipping policy; its state only moves on finite steps.

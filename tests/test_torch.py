@@ -1,0 +1,358 @@
+"""gradguard.torch on real PyTorch training runs (scikit-learn digits, CPU)."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradguard
+from gradguard.torch import GradGuard
+from nets import ConvNet, ResidualMLP, RowLSTM, TinyTransformer, digits, he, mlp, train
+
+
+@pytest.fixture(autouse=True)
+def quiet_findings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradguard.GradGuardWarning)
+        yield
+
+
+def kinds(guard):
+    return {f.kind: f for f in guard.findings}
+
+
+def all_finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------- diagnosis
+
+
+def test_deep_sigmoid_mlp_vanishes_and_names_its_first_layers():
+    torch.manual_seed(0)
+    model = mlp(10, nn.Sigmoid)
+    guard = GradGuard(model, log_every_n_steps=50)
+    train(model, guard, steps=100, opt="sgd", lr=0.1)
+    found = kinds(guard)
+    assert set(found) == {"vanishing"}
+    v = found["vanishing"]
+    assert v.layers[:3] == ("0", "2", "4")  # names exactly as in model.named_modules()
+    assert v.evidence["orders_of_magnitude"] > 6 and v.step == 49
+    assert "sigmoid" in v.cause and any("ReLU" in r for r in v.remedies)
+    assert guard.layers[0].name == "0" and guard.layers[-1].name == "20"
+
+
+def test_tiny_init_tanh_vanishes_and_blames_the_init():
+    torch.manual_seed(0)
+    model = mlp(6, nn.Tanh, init=lambda l: (nn.init.normal_(l.weight, std=0.01), nn.init.zeros_(l.bias)))
+    guard = GradGuard(model)
+    train(model, guard, steps=100, opt="sgd", lr=0.1)
+    v = kinds(guard)["vanishing"]
+    assert v.layers[0] == "0" and "initialised too small" in v.cause
+    assert any("Glorot" in r for r in v.remedies)
+
+
+def explosive_mlp():
+    torch.manual_seed(0)
+    return mlp(4, init=lambda l: (nn.init.normal_(l.weight, std=0.2), nn.init.zeros_(l.bias)))
+
+
+def test_bad_init_explodes_without_help():
+    model = explosive_mlp()
+    guard = GradGuard(model, clip=None, skip_nonfinite=False)
+    losses = train(model, guard, steps=100, opt="sgd", lr=0.5)
+    assert not math.isfinite(losses[-1]) and not all_finite(model)  # a real divergence
+    assert {"exploding", "nonfinite"} <= set(kinds(guard))
+
+
+def test_auto_clipping_rescues_the_same_run():
+    model = explosive_mlp()
+    guard = GradGuard(model, clip="auto")
+    losses = train(model, guard, steps=150, opt="sgd", lr=0.5)
+    assert all_finite(model) and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 1.0  # it went on learning
+    e = kinds(guard)["exploding"]
+    assert "Clipping is now on" in e.message and e.evidence["spikes"] >= 1
+    assert guard.engine.monitor.totals["clipped"] >= 1 and guard.skipped_steps == 0
+
+
+def test_dead_relu_units_are_found():
+    torch.manual_seed(0)
+    model = mlp(4, init=lambda l: (nn.init.kaiming_normal_(l.weight), nn.init.constant_(l.bias, -3.0)))
+    guard = GradGuard(model)
+    train(model, guard, steps=150, opt="sgd", lr=0.05)
+    d = kinds(guard)["dead"]
+    assert d.layers[0] == "0" and d.evidence["dead_fraction"]["0"] > 0.9
+    assert any("LeakyReLU" in r for r in d.remedies)
+
+
+HEALTHY = {
+    "relu_he_mlp": (lambda: mlp(6, init=he), dict(opt="adam", lr=1e-3)),
+    "relu_he_mlp_sgd": (lambda: mlp(6, init=he), dict(opt="sgd", lr=0.05)),
+    "residual_mlp": (lambda: ResidualMLP(depth=8), dict(opt="adam", lr=1e-3)),
+    "bn_cnn": (lambda: ConvNet(depth=6), dict(opt="adam", lr=1e-3)),
+    "lstm": (lambda: RowLSTM(), dict(opt="adam", lr=3e-3)),
+    "transformer": (lambda: TinyTransformer(), dict(opt="adam", lr=1e-3)),
+}
+
+
+@pytest.mark.parametrize("name", list(HEALTHY))
+def test_healthy_nets_have_no_findings(name):
+    make, kw = HEALTHY[name]
+    torch.manual_seed(0)
+    model = make()
+    guard = GradGuard(model)
+    losses = train(model, guard, steps=250, **kw)
+    assert losses[-1] < 0.5 * losses[0]  # it really trained
+    assert guard.findings == []
+    assert guard.engine.monitor.totals["clipped"] == 0
+
+
+def test_frozen_and_unused_parameters_are_neither_vanishing_nor_dead():
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp(3, init=he)
+            self.spare = nn.Linear(64, 64)  # never called
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = WithSpare()
+    model.body[0].requires_grad_(False)
+    guard = GradGuard(model)
+    train(model, guard, steps=150)
+    assert guard.findings == []
+    names = [layer.name for layer in guard.layers]
+    assert "body.0" not in names and names[0] == "body.2" and names[-1] == "spare"
+
+
+# ------------------------------------------------------------------------------- mitigation
+
+
+def test_a_poisoned_batch_is_skipped_exactly_once():
+    torch.manual_seed(0)
+    model = mlp(3, init=he)
+    guard = GradGuard(model, log_every_n_steps=20)
+    x, y = digits()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(60):
+        xb, yb = x[step * 16:(step + 1) * 16].clone(), y[step * 16:(step + 1) * 16]
+        if step == 30:
+            xb[3, 5] = float("nan")
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        stepped = guard.step(opt)
+        assert stepped == (step != 30)
+        losses.append(loss.item())
+        if step == 30:  # the optimizer never saw it
+            assert all(p.grad is None for p in model.parameters())
+            assert all(opt.state[p]["step"] == 30 for p in model.parameters())
+    assert all_finite(model)
+    assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values())
+    assert guard.skipped_steps == 1 and math.isfinite(losses[-1]) and losses[-1] < losses[0]
+    n = kinds(guard)["nonfinite"]
+    assert n.step == 30 and n.evidence["nonfinite_steps"] == 1 and n.severity == "warning"
+
+
+def test_attach_does_the_same_inside_optimizer_step():
+    torch.manual_seed(0)
+    model = mlp(3, init=he)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = GradGuard(model, log_every_n_steps=10)
+    handle = guard.attach(opt)
+    x, y = digits(256)
+    for step in range(40):
+        xb = x[:64].clone()
+        if step == 12:
+            xb[0, 0] = float("inf")
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), y[:64]).backward()
+        opt.step()  # the user's loop is unchanged
+    handle.remove()
+    assert all_finite(model) and guard.skipped_steps == 1
+    assert kinds(guard)["nonfinite"].step == 12
+    assert guard.engine.step_count == 40
+
+
+def test_fixed_clip_bounds_the_global_norm():
+    torch.manual_seed(0)
+    model = mlp(3, init=he)
+    guard = GradGuard(model, clip=0.05, log_every_n_steps=5)
+    x, y = digits(64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        raw = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        guard.step(opt)
+        clipped = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        assert raw > 0.05 and clipped == pytest.approx(0.05, rel=1e-3)
+    assert guard.engine.monitor.totals["clipped"] == 10
+
+
+# ------------------------------------------------------------------------------- no host sync
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts device-to-host reads: ``_local_scalar_dense`` (item/bool/float) and patched copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    calls = {"n": 0}
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, __original=original, **k):
+            calls["n"] += 1
+            return __original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("skip_nonfinite, per_step", [(False, 0), (True, 1)])
+def test_no_host_sync_on_steps_that_do_not_log(host_reads, skip_nonfinite, per_step):
+    torch.manual_seed(0)
+    model = ConvNet(depth=2)
+    guard = GradGuard(model, clip="auto", skip_nonfinite=skip_nonfinite, log_every_n_steps=1000)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = digits(32)
+
+    def backward():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    backward()
+    guard.step(opt)  # the first step fixes the layout
+    syncs, reads = 0, 0
+    for _ in range(20):
+        backward()
+        with CountSyncs() as mode:
+            before = host_reads["n"]
+            guard.engine.before_step()
+            guard.engine.after_step()
+            reads += host_reads["n"] - before
+        syncs += mode.count
+        opt.step()
+    assert syncs == 20 * per_step and reads == 20 * per_step
+
+
+# ------------------------------------------------------------------------------- state, sinks, arguments
+
+
+def test_state_dict_round_trip_resumes_exactly(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        model = mlp(6, nn.Sigmoid)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def run(model, opt, guard, steps, start):
+        x, y = digits()
+        for step in range(start, start + steps):
+            g = torch.Generator().manual_seed(step)
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            opt.zero_grad()
+            scale = 1e4 if step == 70 else 1.0  # a spike after the checkpoint
+            (scale * nn.functional.cross_entropy(model(x[idx]), y[idx])).backward()
+            guard.step(opt)
+
+    model, opt = fresh()
+    whole = GradGuard(model, clip="auto", log_every_n_steps=20)
+    run(model, opt, whole, 120, 0)
+
+    model, opt = fresh()
+    first = GradGuard(model, clip="auto", log_every_n_steps=20)
+    run(model, opt, first, 55, 0)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "guard": first.state_dict()}, path)
+
+    model, opt = fresh()
+    ckpt = torch.load(path, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    resumed = GradGuard(model, clip="auto", log_every_n_steps=20)
+    resumed.load_state_dict(ckpt["guard"])
+    run(model, opt, resumed, 65, 55)
+
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a["step_count"] == b["step_count"] == 120
+    for k in a["device_state"]:
+        torch.testing.assert_close(a["device_state"][k], b["device_state"][k], rtol=0, atol=0, msg=k)
+    assert json.dumps(a["monitor"], sort_keys=True) == json.dumps(b["monitor"], sort_keys=True)
+    assert {f.kind for f in whole.findings} >= {"vanishing", "exploding"}
+    assert whole.findings == resumed.findings
+
+
+def test_jsonl_sink_and_report(tmp_path):
+    torch.manual_seed(0)
+    model = mlp(8, nn.Sigmoid)
+    guard = GradGuard(model, sinks=tmp_path / "run", log_every_n_steps=25)
+    train(model, guard, steps=100, opt="sgd", lr=0.1)
+    guard.close()
+    lines = [json.loads(l) for l in (tmp_path / "run" / "gradguard.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if l["type"] == "step"]
+    assert [s["step"] for s in steps] == [24, 49, 74, 99]
+    keys = steps[-1]["scalars"]
+    for key in ("grad/norm/global", "grad/norm/0", "grad/rms/0", "grad/max_abs/0", "grad/zero_frac/0",
+                "grad/grad_to_weight/0", "grad/update_to_weight/0", "grad/depth_ratio",
+                "gradguard/skipped_steps", "gradguard/clipped_steps"):
+        assert key in keys, key
+    assert keys["grad/depth_ratio"] < 1e-6
+    assert any(l["type"] == "finding" and l["kind"] == "vanishing" for l in lines)
+    from gradguard.report import write_report
+
+    html = open(write_report(tmp_path / "run" / "gradguard.jsonl")).read()
+    assert "vanishing" in html and "<svg" in html and "ReLU" in html
+
+
+def test_big_models_log_a_bounded_number_of_layers():
+    records = []
+
+    class Keep(gradguard.Sink):
+        def log(self, record):
+            records.append(record)
+
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(100)])
+    guard = GradGuard(model, log_every_n_steps=1, max_logged_layers=10, sinks=Keep())
+    model(torch.randn(4, 8)).sum().backward()
+    guard.step(torch.optim.SGD(model.parameters(), lr=0.0))
+    layer_keys = [k for k in records[-1].scalars if k.startswith("grad/norm/") and "global" not in k]
+    assert len(layer_keys) == 10 and "grad/norm/0" in layer_keys and "grad/norm/99" in layer_keys
+    assert len(records[-1].layer_norm) == 100  # the heatmap still sees every layer
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(log_every_n_steps=-1), "log_every_n_steps"), (dict(log_every_n_steps=0), "log_every_n_steps"),
+    (dict(log_every_n_steps=2.5), "log_every_n_steps"), (dict(clip="sometimes"), "clip"),
+    (dict(clip=-1.0), "clip"), (dict(skip_nonfinite="yes"), "skip_nonfinite"), (dict(sinks=42), "sinks"),
+])
+def test_bad_arguments_name_the_argument_and_value(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match) as info:
+        GradGuard(mlp(1), **kwargs)
+    assert repr(list(kwargs.values())[0]) in str(info.value)
+
+
+def test_a_model_without_trainable_parameters_is_rejected():
+    frozen = mlp(1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        GradGuard(frozen)
+    with pytest.raises(TypeError, match="model"):
+        GradGuard("not a model")

@@ -236,6 +236,27 @@ def test_run_finished_mid_training_warns_once_and_training_goes_on(wandb_dir):
     assert [r["gradguard/step"] for r in read_run(run_dir).rows_with("grad/norm/global")] == [1, 3]
 
 
+def test_close_after_the_user_finished_the_run_is_silent(wandb_dir):
+    """``with wandb.init(): train`` then ``guard.close()``: the undrawn heatmap is dropped, no warning."""
+    model = sigmoid_mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch()
+    guard = GradGuard(model, clip=None, log_every_n_steps=2, sinks=[WandbSink(heatmap_every=100)])
+    with start_run(wandb_dir) as run:
+        run_dir = run.settings.sync_dir
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            guard.step(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard.close()
+    assert gradguard_warnings(caught) == []
+    logged = read_run(run_dir)
+    assert [r["gradguard/step"] for r in logged.rows_with("grad/norm/global")] == [1, 3]
+    assert not logged.rows_with("gradguard/gradient_flow")
+
+
 _KILL_CORE = textwrap.dedent("""
     import json, os, signal, sys, warnings
     import torch
@@ -288,8 +309,10 @@ _KILL_CORE = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the wandb-core process through /proc")
 def test_wandb_service_dying_mid_run_warns_once_and_training_goes_on(wandb_dir):
+    # WANDB_SERVICE would connect the child to this process's own service: the child must start its own
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     proc = subprocess.run([sys.executable, "-c", _KILL_CORE, str(wandb_dir)], capture_output=True, text=True,
-                          timeout=120, env=os.environ.copy())
+                          timeout=120, env=env)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line is not None, proc.stdout + proc.stderr
     out = json.loads(line[len("RESULT "):])

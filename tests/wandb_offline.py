@@ -11,7 +11,12 @@
 A run writes its records to ``<dir>/wandb/offline-run-*/run-<id>.wandb``: a LevelDB-style log
 (32 KiB blocks of chunks with a 7-byte header: crc32c, length, type) after a 7-byte W&B header, each
 record a ``wandb_internal_pb2.Record``. ``wandb leet inspect --json RUN_DIR`` prints the same records;
-this reader is in-process and needs no subprocess. Read a run only after ``run.finish()``.
+this reader is in-process and needs no subprocess.
+
+``run.finish()`` can return a few milliseconds before wandb-core has flushed the file (seen with
+wandb 0.31: an empty read right after ``finish()``), so ``read_run`` waits until the run's ``exit``
+record is there (``timeout`` seconds; ``timeout=None`` reads whatever is there now, e.g. for a run
+whose service was killed).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 import json
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +63,8 @@ def read_records(path: str | os.PathLike) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = wandb_file(path).read_bytes()
+    if len(data) < 7:
+        return []  # not flushed yet
     if data[:4] != b":W&B":
         raise ValueError(f"{path}: not a W&B transaction log (starts with {data[:7]!r})")
     chunks, pending, pos = [], b"", 7
@@ -65,6 +73,8 @@ def read_records(path: str | os.PathLike) -> list:
             pos += _BLOCK - pos % _BLOCK
             continue
         _crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        if pos + 7 + length > len(data):
+            break  # a chunk still being written
         payload = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == _FULL:
@@ -126,12 +136,20 @@ class OfflineRun:
         return self.dir / "files" / value["path"]
 
 
-def read_run(path: str | os.PathLike) -> OfflineRun:
-    """Parse a finished offline run: a WANDB_DIR holding one run, a run directory, or a .wandb file."""
+def read_run(path: str | os.PathLike, timeout: float | None = 10.0) -> OfflineRun:
+    """Parse a finished offline run: a WANDB_DIR holding one run, a run directory, or a .wandb file.
+    Waits up to ``timeout`` seconds for the run's exit record (None: no wait, no exit record needed)."""
     from google.protobuf.json_format import MessageToDict
 
     file = wandb_file(path)
-    records = read_records(file)
+    deadline = time.monotonic() + (timeout or 0.0)
+    while True:
+        records = read_records(file)
+        if timeout is None or any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{file}: no exit record after {timeout} s; was run.finish() called?")
+        time.sleep(0.01)
     history, summary, alerts, metrics, config, exit_code = [], {}, [], [], {}, None
     for r in records:
         kind = r.WhichOneof("record_type")

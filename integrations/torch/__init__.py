@@ -48,7 +48,8 @@ def _minimum(a, b):
 
 torch_ops = types.SimpleNamespace(
     where=torch.where, sqrt=torch.sqrt, log=torch.log, exp=torch.exp, maximum=_maximum, minimum=_minimum,
-    isfinite=torch.isfinite, sum=torch.sum, asfloat=lambda b: b.to(torch.float32),
+    isfinite=torch.isfinite, sum=torch.sum, asfloat=lambda b: b.to(torch.float32), concat=torch.cat,
+    stack=torch.stack,
 )
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -255,12 +256,19 @@ class TorchEngine:
         scale, finite, self.state = stats.device_step(self.state, layer_sq, self._has_t, self.policy, torch_ops,
                                                      self.tracker)
         self._snapshot = self._take_snapshot(grads, layer_sq) if self._log_step else None
-        if self.policy.name != "none" and self.clipping_allowed:
-            torch._foreach_mul_(grads, scale.to(grads[0].dtype) if grads[0].dtype != torch.float32 else scale)
-        if self.skip_nonfinite and not bool(finite):  # the one host sync of a non-log step
-            for p in self.params:
-                p.grad = None
-            return False
+        may_clip = self.policy.name != "none" and self.clipping_allowed
+        if self.skip_nonfinite:
+            # The one host read of a non-log step (GradScaler's gate): 0 = non-finite, 1 = finite,
+            # 2 = finite and to be clipped; so the clipping pass runs only when it changes something.
+            verdict = int(finite * (1.0 + (scale < 1.0).float()))
+            if verdict == 0:
+                for p in self.params:
+                    p.grad = None
+                return False
+            if verdict == 2 and may_clip:
+                torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+        elif may_clip:  # no host read allowed: scale unconditionally (by 1 while not clipping)
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
         if self._snapshot is not None and self.measure_updates:
             self._remember_weights()
         return True

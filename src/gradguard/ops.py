@@ -1,7 +1,8 @@
 """The few array operations the per-step math needs, so it is written once for every framework.
 
 The per-step math (``stats.device_step`` and the clipping policies) is written against a small
-namespace ``xp`` with: ``where, sqrt, log, exp, maximum, minimum, isfinite, sum, asfloat``.
+namespace ``xp`` with: ``where, sqrt, log, exp, maximum, minimum, isfinite, sum, asfloat, concat, stack``
+(and indexing ``x[-1]``, ``x[None]``, ``x[:1]``).
 ``maximum``/``minimum`` accept a Python float as their second argument. Operators
 (``+ - * / < >= &``) work on the framework's own arrays. Adapters pass their framework's
 namespace (torch tensors on the gradients' device, ``keras.ops`` inside the compiled train step);
@@ -29,4 +30,6 @@ numpy_ops = types.SimpleNamespace(
     isfinite=np.isfinite,
     sum=lambda x: np.sum(x, dtype=np.float32),
     asfloat=_np_asfloat,
+    concat=np.concatenate,
+    stack=np.stack,
 )

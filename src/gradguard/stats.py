@@ -45,46 +45,45 @@ class TrackerConfig:
             raise ValueError(f"spike_factor must be > 1, got {self.spike_factor!r}")
 
 
-# Keys of the per-window accumulators; everything else in the state persists across windows.
-_LAYER_ACC = ("acc_layer_sum", "acc_layer_max", "acc_layer_min", "acc_layer_steps", "acc_layer_nonfinite",
-              "acc_layer_zero", "acc_layer_last")
-_SCALAR_ACC = ("acc_steps", "acc_nonfinite", "acc_clipped", "acc_spikes", "acc_first_spike",
-               "acc_first_nonfinite", "acc_max_jump", "acc_gnorm_sum", "acc_gnorm_max", "acc_gnorm_min",
-               "acc_gnorm_last", "acc_scale_min")
+# The window accumulators, packed so one step costs few device ops. Per-layer arrays have one more
+# column than there are layers: the last column is the global norm, accumulated by the same ops.
+SUM_NORM, OK_STEPS, NONFINITE, ZERO = range(4)  # rows of acc_sum: summed norm, and step counts
+CLIPPED, SPIKES = range(2)  # acc_count
+FIRST_NONFINITE, FIRST_SPIKE = range(2)  # acc_first: index in the window, -1 for none
+_WINDOW_KEYS = ("acc_sum", "acc_max", "acc_min", "acc_last", "acc_steps", "acc_count", "acc_first",
+                "acc_max_jump", "acc_scale_min")
 
 
-def _window_init(n_layers: int) -> dict[str, np.ndarray]:
-    zeros = np.zeros(n_layers, np.float32)
-    state = {k: zeros.copy() for k in _LAYER_ACC}
-    state["acc_layer_min"] = np.full(n_layers, INF, np.float32)
-    for k in _SCALAR_ACC:
-        state[k] = np.float32(0.0)
-    state["acc_first_spike"] = np.float32(-1.0)
-    state["acc_first_nonfinite"] = np.float32(-1.0)
-    state["acc_gnorm_min"] = np.float32(INF)
-    state["acc_scale_min"] = np.float32(1.0)
-    return state
+def reset_window(n_layers: int) -> dict[str, np.ndarray]:
+    """Fresh accumulator values (the part of the state that starts again on each log step)."""
+    width = n_layers + 1
+    return {
+        "acc_sum": np.zeros((4, width), np.float32),
+        "acc_max": np.zeros(width, np.float32),
+        "acc_min": np.full(width, INF, np.float32),
+        "acc_last": np.zeros(width, np.float32),
+        "acc_steps": np.float32(0),
+        "acc_count": np.zeros(2, np.float32),
+        "acc_first": np.full(2, -1.0, np.float32),
+        "acc_max_jump": np.float32(0),
+        "acc_scale_min": np.float32(1),
+    }
+
+
+def window_keys() -> tuple[str, ...]:
+    return _WINDOW_KEYS
 
 
 def init_state(n_layers: int, policy: ClipPolicy) -> dict[str, np.ndarray]:
     """The whole device state as float32 numpy values; adapters move it to their device."""
     if n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers!r}")
-    state = _window_init(n_layers)
+    state = reset_window(n_layers)
     state.update({"trk_count": np.float32(0), "trk_mean": np.float32(0), "trk_var": np.float32(0),
                   "threshold": np.float32(INF)})
     for k, v in policy.init().items():
         state["clip_" + k] = np.float32(v)
     return state
-
-
-def reset_window(n_layers: int) -> dict[str, np.ndarray]:
-    """Fresh accumulator values (the subset of the state that starts again on each log step)."""
-    return _window_init(n_layers)
-
-
-def window_keys() -> tuple[str, ...]:
-    return _LAYER_ACC + _SCALAR_ACC
 
 
 def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: ClipPolicy, xp,
@@ -97,61 +96,54 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     tracker and the policy untouched.
     """
     s = dict(state)
-    norms = xp.sqrt(layer_sq)
-    gnorm = xp.sqrt(xp.sum(layer_sq))
-    finite = xp.asfloat(xp.isfinite(gnorm))
-    ok = has_grad * xp.asfloat(xp.isfinite(norms))
-    clean = xp.where(ok > 0, norms, 0.0)
-    index = s["acc_steps"]
+    ones = has_grad[:1] * 0.0 + 1.0
+    sq = xp.concat([layer_sq, xp.sum(layer_sq)[None]])  # the global norm rides along as a last column
+    has = xp.concat([has_grad, ones])
+    norms = xp.sqrt(sq)
+    ok_mask = (has > 0) & xp.isfinite(norms)
+    ok = xp.asfloat(ok_mask)
+    clean = xp.where(ok_mask, norms, 0.0)
+    gnorm, finite = clean[-1], ok[-1]
 
-    # Window accumulators (per layer, then global).
-    s["acc_layer_sum"] = s["acc_layer_sum"] + clean
-    s["acc_layer_max"] = xp.maximum(s["acc_layer_max"], clean)
-    s["acc_layer_min"] = xp.where(ok > 0, xp.minimum(s["acc_layer_min"], clean), s["acc_layer_min"])
-    s["acc_layer_steps"] = s["acc_layer_steps"] + ok
-    s["acc_layer_nonfinite"] = s["acc_layer_nonfinite"] + has_grad - ok
-    s["acc_layer_zero"] = s["acc_layer_zero"] + xp.where(clean == 0.0, ok, 0.0)
-    s["acc_layer_last"] = xp.where(has_grad > 0, norms, 0.0)
-    clean_g = xp.where(finite > 0, gnorm, 0.0)
-    s["acc_gnorm_sum"] = s["acc_gnorm_sum"] + clean_g
-    s["acc_gnorm_max"] = xp.maximum(s["acc_gnorm_max"], clean_g)
-    s["acc_gnorm_min"] = xp.where(finite > 0, xp.minimum(s["acc_gnorm_min"], clean_g), s["acc_gnorm_min"])
-    s["acc_gnorm_last"] = gnorm
-    s["acc_nonfinite"] = s["acc_nonfinite"] + 1.0 - finite
-    s["acc_first_nonfinite"] = xp.where((finite < 1) & (s["acc_first_nonfinite"] < 0), index,
-                                        s["acc_first_nonfinite"])
+    s["acc_sum"] = s["acc_sum"] + xp.stack([clean, ok, has - ok, xp.asfloat(clean == 0.0) * ok])
+    s["acc_max"] = xp.maximum(s["acc_max"], clean)
+    s["acc_min"] = xp.where(ok_mask, xp.minimum(s["acc_min"], clean), s["acc_min"])
+    s["acc_last"] = norms * has
 
     # Spike tracker on log(norm): scale-free, so one rule serves every model size.
     count, mean, var = s["trk_count"], s["trk_mean"], s["trk_var"]
-    positive = finite * xp.asfloat(clean_g > 0.0)
-    x = xp.log(xp.maximum(clean_g, 1e-30))
+    usable = finite * xp.asfloat(gnorm > 0.0)
+    x = xp.log(xp.maximum(gnorm, 1e-30))
     sigma = xp.maximum(xp.sqrt(var), tracker.sigma_floor)
-    jump = x - mean
-    z_ok = xp.asfloat((count < tracker.warmup_steps) | (jump >= tracker.spike_z * sigma))
-    spike = positive * xp.asfloat(count >= tracker.min_steps) * xp.asfloat(jump >= math.log(tracker.spike_factor)) * z_ok
-    s["acc_spikes"] = s["acc_spikes"] + spike
-    s["acc_first_spike"] = xp.where((spike > 0) & (s["acc_first_spike"] < 0), index, s["acc_first_spike"])
-    s["acc_max_jump"] = xp.maximum(s["acc_max_jump"], xp.where((positive > 0) & (count >= tracker.min_steps), jump, 0.0))
+    jump = (x - mean) * xp.asfloat(count >= tracker.min_steps) * usable
+    unusual = xp.asfloat((count < tracker.warmup_steps) | (jump >= tracker.spike_z * sigma))
+    spike = xp.asfloat(jump >= math.log(tracker.spike_factor)) * unusual
     # Winsorised EMA: a step beyond spike_z spreads is ingested at that edge and leaves the spread
     # alone, so neither a spike nor a running explosion drags the level up after itself.
     edge = mean + tracker.spike_z * sigma
     capped = xp.asfloat(x > edge) * xp.asfloat(count >= tracker.min_steps)
     seen = xp.where(capped > 0, edge, x)
-    weight = xp.minimum(count / (count + 1.0), tracker.alpha)  # running mean first, then the EMA
-    new_mean = xp.where(count > 0, weight * mean + (1.0 - weight) * seen, seen)
-    new_var = xp.where(count > 0, weight * var + (1.0 - weight) * (seen - new_mean) * (seen - new_mean), 0.0)
-    s["trk_mean"] = xp.where(positive > 0, new_mean, mean)
-    s["trk_var"] = xp.where((positive > 0) & (capped < 1), new_var, var)
-    s["trk_count"] = count + positive
+    weight = xp.minimum(count / (count + 1.0), tracker.alpha)  # a running mean first, then the EMA
+    new_mean = weight * mean + (1.0 - weight) * seen
+    new_var = weight * var + (1.0 - weight) * (seen - new_mean) * (seen - new_mean)
+    s["trk_mean"] = mean + usable * (new_mean - mean)
+    s["trk_var"] = var + usable * (1.0 - capped) * (new_var - var)
+    s["trk_count"] = count + usable
 
     # Clipping policy; its state only moves on finite steps.
     pol_state = {k[5:]: v for k, v in s.items() if k.startswith("clip_")}
-    threshold, new_pol = policy.update(pol_state, clean_g, Signals(spike, mean, sigma), xp)
+    threshold, new_pol = policy.update(pol_state, gnorm, Signals(spike, mean, sigma), xp)
     for k, v in new_pol.items():
         s["clip_" + k] = xp.where(finite > 0, v, pol_state[k])
-    scale = xp.where((finite > 0) & (clean_g > threshold), threshold / (clean_g + 1e-6), 1.0)
+    clip = finite * xp.asfloat(gnorm > threshold)
+    scale = xp.where(clip > 0, threshold / (gnorm + 1e-6), 1.0)
     s["threshold"] = xp.where(finite > 0, threshold, s["threshold"])
-    s["acc_clipped"] = s["acc_clipped"] + xp.asfloat(scale < 1.0)
+
+    index = s["acc_steps"]
+    events = xp.stack([1.0 - finite, spike])
+    s["acc_first"] = xp.where((events > 0) & (s["acc_first"] < 0), index, s["acc_first"])
+    s["acc_count"] = s["acc_count"] + xp.stack([clip, spike])
+    s["acc_max_jump"] = xp.maximum(s["acc_max_jump"], jump)
     s["acc_scale_min"] = xp.minimum(s["acc_scale_min"], scale)
     s["acc_steps"] = index + 1.0
     return scale, finite, s
@@ -195,34 +187,38 @@ class WindowStats:
         st = {k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
         steps = int(round(float(st["acc_steps"])))
         first = last_step - steps + 1
-        lsteps = st["acc_layer_steps"]
-        finite_steps = steps - int(round(float(st["acc_nonfinite"])))
+        acc = st["acc_sum"]
+        lsteps = acc[OK_STEPS, :-1]
+        finite_steps = int(round(acc[OK_STEPS, -1]))
 
-        def step_of(key):
-            v = float(st[key])
+        def step_of(i):
+            v = float(st["acc_first"][i])
             return None if v < 0 else first + int(round(v))
+
+        def per_layer(values):
+            return np.where(lsteps > 0, values, np.nan)
 
         return cls(
             first_step=first,
             last_step=last_step,
             steps=steps,
-            layer_norm_mean=np.where(lsteps > 0, st["acc_layer_sum"] / np.maximum(lsteps, 1), np.nan),
-            layer_norm_min=np.where(lsteps > 0, st["acc_layer_min"], np.nan),
-            layer_norm_max=np.where(lsteps > 0, st["acc_layer_max"], np.nan),
-            layer_norm_last=st["acc_layer_last"],
+            layer_norm_mean=per_layer(acc[SUM_NORM, :-1] / np.maximum(lsteps, 1)),
+            layer_norm_min=per_layer(st["acc_min"][:-1]),
+            layer_norm_max=per_layer(st["acc_max"][:-1]),
+            layer_norm_last=st["acc_last"][:-1],
             layer_steps=lsteps.astype(np.int64),
-            layer_nonfinite=st["acc_layer_nonfinite"].astype(np.int64),
-            layer_zero=st["acc_layer_zero"].astype(np.int64),
-            global_norm_mean=float(st["acc_gnorm_sum"]) / finite_steps if finite_steps else math.nan,
-            global_norm_min=float(st["acc_gnorm_min"]) if finite_steps else math.nan,
-            global_norm_max=float(st["acc_gnorm_max"]) if finite_steps else math.nan,
-            global_norm_last=float(st["acc_gnorm_last"]),
+            layer_nonfinite=acc[NONFINITE, :-1].astype(np.int64),
+            layer_zero=acc[ZERO, :-1].astype(np.int64),
+            global_norm_mean=float(acc[SUM_NORM, -1]) / finite_steps if finite_steps else math.nan,
+            global_norm_min=float(st["acc_min"][-1]) if finite_steps else math.nan,
+            global_norm_max=float(st["acc_max"][-1]) if finite_steps else math.nan,
+            global_norm_last=float(st["acc_last"][-1]),
             nonfinite_steps=steps - finite_steps,
-            first_nonfinite_step=step_of("acc_first_nonfinite"),
-            clipped_steps=int(round(float(st["acc_clipped"]))),
+            first_nonfinite_step=step_of(FIRST_NONFINITE),
+            clipped_steps=int(round(float(st["acc_count"][CLIPPED]))),
             min_scale=float(st["acc_scale_min"]),
-            spikes=int(round(float(st["acc_spikes"]))),
-            first_spike_step=step_of("acc_first_spike"),
+            spikes=int(round(float(st["acc_count"][SPIKES]))),
+            first_spike_step=step_of(FIRST_SPIKE),
             max_jump=float(st["acc_max_jump"]),
             tracker_level=math.exp(float(st["trk_mean"])) if float(st["trk_count"]) > 0 else math.nan,
             threshold=float(st["threshold"]),

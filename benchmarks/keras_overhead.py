@@ -1,0 +1,161 @@
+"""Overhead of GradGuardCallback over a plain ``model.fit``, on the TensorFlow, JAX and torch backends.
+
+    python benchmarks/keras_overhead.py                 # all three backends, one after the other
+    python benchmarks/keras_overhead.py --backends jax --reps 7
+
+Each backend runs in its own process (Keras fixes the backend at import). Inside it the
+configurations are measured side by side, interleaved: for each repetition, one ``fit`` of
+every configuration in turn, on its own copy of the same model. A ``fit`` runs ``--epochs``
+epochs of ``--steps`` steps; its first epoch (which holds the hook's one trace/compile per
+``fit``) is reported apart, the steady state is the median step time over the later epochs.
+
+Configurations:
+  plain            model.fit, no callback
+  noop_batch_cb    a callback with an empty on_train_batch_end (on JAX this alone turns Keras'
+                   asynchronous callback dispatch off, which GradGuardCallback also does)
+  gradguard        GradGuardCallback() at its defaults (clip="auto", log every 50 steps,
+                   skip non-finite steps)
+  monitor_only     GradGuardCallback(clip=None, skip_nonfinite=False)
+
+Target: gradguard within 3% of plain at the default logging interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = ("plain", "noop_batch_cb", "gradguard", "monitor_only")
+
+
+def run_backend(args) -> dict:
+    import keras
+    import numpy as np
+
+    from gradguard.keras import GradGuardCallback
+
+    rng = np.random.default_rng(0)
+    n = args.batch * args.steps
+    x = rng.normal(size=(n, args.features)).astype("float32")
+    y = rng.integers(0, 10, size=(n,)).astype("int32")
+
+    def build():
+        keras.utils.set_random_seed(0)
+        layers = [keras.Input((args.features,))]
+        layers += [keras.layers.Dense(args.width, activation="relu") for _ in range(args.depth)]
+        layers.append(keras.layers.Dense(10))
+        model = keras.Sequential(layers)
+        model.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._sync()
+            self._t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._sync()
+            self.times.append(time.perf_counter() - self._t)
+
+        def _sync(self):
+            # JAX dispatches asynchronously: wait for the epoch's work before reading the clock.
+            np.asarray(self.model.trainable_variables[0].numpy())
+
+    class NoopBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    def callbacks(config):
+        if config == "noop_batch_cb":
+            return [NoopBatch()]
+        if config == "gradguard":
+            return [GradGuardCallback()]
+        if config == "monitor_only":
+            return [GradGuardCallback(clip=None, skip_nonfinite=False)]
+        return []
+
+    models = {c: build() for c in CONFIGS}
+    steady = {c: [] for c in CONFIGS}
+    first = {c: [] for c in CONFIGS}
+    # Warm-up: the first fit of each model compiles its step.
+    for c in CONFIGS:
+        models[c].fit(x, y, batch_size=args.batch, epochs=1, verbose=0, shuffle=False, callbacks=callbacks(c))
+    for _ in range(args.reps):
+        for c in CONFIGS:
+            timer = EpochTimer()
+            models[c].fit(x, y, batch_size=args.batch, epochs=args.epochs, verbose=0, shuffle=False,
+                          callbacks=callbacks(c) + [timer])
+            first[c].append(timer.times[0] / args.steps)
+            steady[c].extend(t / args.steps for t in timer.times[1:])
+    params = int(sum(np.prod(v.shape) for v in models["plain"].trainable_variables))
+    return {
+        "backend": keras.backend.backend(),
+        "params": params,
+        "steady_ms": {c: 1e3 * statistics.median(v) for c, v in steady.items()},
+        "steady_spread_ms": {c: 1e3 * (statistics.quantiles(v, n=4)[2] - statistics.quantiles(v, n=4)[0])
+                             for c, v in steady.items()},
+        "first_epoch_ms": {c: 1e3 * statistics.median(v) for c, v in first.items()},
+        "samples": {c: len(v) for c, v in steady.items()},
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per fit; the first is reported apart")
+    parser.add_argument("--steps", type=int, default=100, help="steps per epoch")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_backend(args)), flush=True)
+        return
+
+    results = []
+    for backend in args.backends.split(","):
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child"] + [a for a in sys.argv[1:]]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{backend}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        result = json.loads(line[7:])
+        result["wall_s"] = time.perf_counter() - started
+        results.append(result)
+
+    print(f"\nMLP {args.features}-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch}, Adam; "
+          f"{args.reps} interleaved repetitions x {args.epochs - 1} steady epochs x {args.steps} steps\n")
+    header = f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>14}" for c in CONFIGS)
+    print("steady state, median ms per step (ratio to plain)")
+    print(header)
+    for r in results:
+        base = r["steady_ms"]["plain"]
+        cells = [f"{r['steady_ms'][c]:7.2f} ({r['steady_ms'][c] / base:4.2f}x)" for c in CONFIGS]
+        print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{c:>14}" for c in cells))
+    print("\nfirst epoch of each fit (holds the hook's trace/compile), median ms per step")
+    print(header)
+    for r in results:
+        cells = [f"{r['first_epoch_ms'][c]:7.2f}" for c in CONFIGS]
+        print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{c:>14}" for c in cells))
+    print("\ninterquartile range of the steady per-epoch step times, ms")
+    for r in results:
+        print(f"{r['backend']:<11} " + " ".join(f"{c}={r['steady_spread_ms'][c]:.2f}" for c in CONFIGS))
+
+
+if __name__ == "__main__":
+    main()

@@ -174,7 +174,10 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
                 step = window.last_step if step is None else step
     if not reasons:
         return None
-    names = tuple(l.name for l in layers)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        swing = window.layer_norm_max / window.layer_norm_min  # how far each layer's norm moved
+    grew = np.flatnonzero(np.nan_to_num(swing, nan=0.0, posinf=np.inf) >= 10.0)
+    names = _names(layers, grew) if len(grew) else tuple(l.name for l in layers)
     lr_hint = update_ratio is not None and update_ratio > cfg.update_ratio
     remedies = [REMEDIES["clipping"], REMEDIES["lower_lr"], REMEDIES["init_smaller"], REMEDIES["normalization"]]
     if lr_hint:
@@ -194,25 +197,28 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
 # --------------------------------------------------------------------------------------- nonfinite
 
 def nonfinite(layers: Sequence[LayerInfo], window: WindowStats, facts: ModelFacts, skipping: bool,
-              after_growth: bool) -> Candidate | None:
+              after_growth: bool, state: dict) -> Candidate | None:
     if window.nonfinite_steps == 0:
         return None
+    state["total"] = state.get("total", 0) + window.nonfinite_steps
+    state.setdefault("first", window.first_nonfinite_step)
     idx = np.flatnonzero(window.layer_nonfinite > 0)
     names = _names(layers, idx)
     share = window.nonfinite_steps / max(window.steps, 1)
     severity = "critical" if (not skipping or share > 0.5) else "warning"
-    action = ("those steps were skipped, the weights and optimizer state are untouched" if skipping
-              else "those steps reached the weights (skip_nonfinite=False)")
-    message = (f"Non-finite gradients (NaN/Inf) in {window.nonfinite_steps} of {window.steps} steps, "
-               f"first at step {window.first_nonfinite_step}; {action}.")
+    action = ("they were skipped: the weights and optimizer state are untouched" if skipping
+              else "they reached the weights (skip_nonfinite=False)")
+    message = (f"Non-finite gradients (NaN/Inf) on {state['total']} step{'s' if state['total'] > 1 else ''} "
+               f"so far, first at step {state['first']}, {window.nonfinite_steps} of the last {window.steps}; "
+               f"{action}.")
     if after_growth:
         cause = "exploding gradients overflowed"
         remedies = (REMEDIES["clipping"], REMEDIES["lower_lr"], REMEDIES["mixed_precision"], REMEDIES["check_data"])
     else:
         cause = "a NaN/Inf in the data, the loss, or a numerical overflow"
         remedies = (REMEDIES["check_data"], REMEDIES["lower_lr"], REMEDIES["mixed_precision"], REMEDIES["clipping"])
-    evidence = {"nonfinite_steps": window.nonfinite_steps, "steps": window.steps,
-                "first_nonfinite_step": window.first_nonfinite_step,
+    evidence = {"nonfinite_steps": state["total"], "first_nonfinite_step": state["first"],
+                "window_nonfinite_steps": window.nonfinite_steps, "window_steps": window.steps,
                 "layers_nonfinite_steps": {layers[i].name: int(window.layer_nonfinite[i]) for i in idx}}
     return Candidate("nonfinite", int(window.first_nonfinite_step), names, severity, message, remedies,
                      evidence, cause)

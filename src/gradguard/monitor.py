@@ -61,7 +61,7 @@ class Monitor:
         self.logged = select_layers(len(self.layers), max_logged_layers)
         self.logging_rank = logging_rank
         self._findings: dict[str, Finding] = {}
-        self._det_state: dict[str, dict] = {k: {} for k in ("vanishing", "dead", "saturated")}
+        self._det_state: dict[str, dict] = {k: {} for k in ("vanishing", "nonfinite", "dead", "saturated")}
         self.totals = {"steps": 0, "skipped": 0, "nonfinite": 0, "clipped": 0, "spikes": 0}
         self.clip_enabled_step: int | None = None
         self.history: collections.deque = collections.deque(maxlen=history_size)
@@ -93,7 +93,7 @@ class Monitor:
             det.vanishing(L, window, snapshot, self.facts, cfg, self._det_state["vanishing"]),
             det.exploding(L, window, snapshot, self.facts, cfg, {}, self.policy_name, enabled),
             det.nonfinite(L, window, self.facts, self.skip_nonfinite,
-                          after_growth=window.spikes > 0 or "exploding" in self._findings),
+                          window.spikes > 0 or "exploding" in self._findings, self._det_state["nonfinite"]),
             det.dead(L, window, snapshot, self.facts, cfg, self._det_state["dead"]),
             det.saturated(window, snapshot, cfg, self._det_state["saturated"]),
         ]
@@ -200,6 +200,7 @@ class Monitor:
         dead = det_state.get("dead", {})
         dead["streaks"] = {k: np.asarray(v, dtype=np.int64) for k, v in dead.get("streaks", {}).items()}
         self._det_state = {"vanishing": dict(det_state.get("vanishing", {})), "dead": dead,
+                           "nonfinite": dict(det_state.get("nonfinite", {})),
                            "saturated": dict(det_state.get("saturated", {}))}
         self.totals = dict(state["totals"])
         self.clip_enabled_step = state["clip_enabled_step"]

@@ -205,3 +205,14 @@ def test_failing_sink_warns_once_and_jsonl_sink_writes(tmp_path):
     assert [line["step"] for line in lines] == [49, 99, 149]
     assert lines[0]["scalars"]["grad/norm/l0"] == pytest.approx(10.0, rel=1e-5)
     assert "grad/depth_ratio" in lines[0]["scalars"]
+
+
+def test_percentile_policy_is_autoclip():
+    rng = np.random.default_rng(3)
+    norms = list(np.abs(rng.normal(5.0, 1.0, 60)))
+    scales, _ = run_steps(norms, clipping.percentile(p=10.0, history=20))
+    for t, (g, s) in enumerate(zip(norms, scales)):
+        seen = np.array(norms[max(0, t - 19):t + 1])
+        expected = np.sort(seen)[int((len(seen) - 1) * 0.10)]
+        assert min(g, expected) == pytest.approx(g * s, rel=1e-4), t
+    assert (scales < 1).mean() > 0.8  # AutoClip clips most steps a little, by design

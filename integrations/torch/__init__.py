@@ -49,7 +49,8 @@ def _minimum(a, b):
 torch_ops = types.SimpleNamespace(
     where=torch.where, sqrt=torch.sqrt, log=torch.log, exp=torch.exp, maximum=_maximum, minimum=_minimum,
     isfinite=torch.isfinite, sum=torch.sum, asfloat=lambda b: b.to(torch.float32), concat=torch.cat,
-    stack=torch.stack,
+    stack=torch.stack, asint=lambda x: x.to(torch.long), sort=lambda x: torch.sort(x).values,
+    take=lambda x, i: torch.take(x, torch.as_tensor(i, device=x.device).to(torch.long)),
 )
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)

@@ -2,8 +2,8 @@
 
 Each rule is written once, against the array namespace ``xp`` (see ``gradguard.ops``), and runs
 on the device inside the host framework: torch tensors in ``gradguard.torch``, ``keras.ops`` inside
-the compiled train step in ``gradguard.keras``. State is a flat ``dict[str, float]`` of scalars so
-that adapters can hold it as tensors or framework Variables and checkpoint it.
+the compiled train step in ``gradguard.keras``. State is a flat ``dict`` of float32 scalars (or fixed-size
+vectors) so that adapters can hold it as tensors or framework Variables and checkpoint it.
 
 ``update(state, norm, signals, xp) -> (max_norm, new_state)`` receives the global gradient norm of
 this step (finite: non-finite steps never reach a policy) and the spike tracker's signals, and
@@ -110,7 +110,29 @@ def auto(clip_z: float = 2.5) -> ClipPolicy:
     return ClipPolicy("auto", init, update, "auto: off until a spike or an explosion, then adaptive")
 
 
-CLIP_NAMES = ("auto", "zscore")
+def percentile(p: float = 10.0, history: int = 1000) -> ClipPolicy:
+    """AutoClip: clip to the ``p``-th percentile of the global norms seen so far (the last
+    ``history`` steps, this one included). AutoClip's default p=10 clips most steps a little;
+    that is the method, not a spike guard."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 100.0:
+        raise ValueError(f"p must be in (0, 100], got {p!r}")
+    if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+        raise ValueError(f"history must be a positive integer, got {history!r}")
+
+    def init():
+        return {"count": 0.0, "window": [INF] * history}  # unfilled slots sort last
+
+    def update(state, norm, signals, xp):
+        window = xp.concat([state["window"][1:], norm[None]])  # a shift register of the last norms
+        seen = xp.minimum(state["count"] + 1.0, float(history))
+        rank = xp.asint((seen - 1.0) * (p / 100.0))
+        threshold = xp.take(xp.sort(window), rank)  # unfilled slots (inf) sort after the real norms
+        return threshold, {"count": state["count"] + 1.0, "window": window}
+
+    return ClipPolicy("percentile", init, update, f"AutoClip {p:g}th percentile of the last {history} norms")
+
+
+CLIP_NAMES = ("auto", "zscore", "percentile")
 
 
 def resolve(clip: Any) -> ClipPolicy:
@@ -124,9 +146,13 @@ def resolve(clip: Any) -> ClipPolicy:
             return auto()
         if clip == "zscore":
             return zscore()
-        raise ValueError(f"clip must be None, 'auto', 'zscore', a positive float or a ClipPolicy, got {clip!r}")
+        if clip == "percentile":
+            return percentile()
+        raise ValueError(f"clip must be None, 'auto', 'zscore', 'percentile', a positive float or a ClipPolicy, "
+                         f"got {clip!r}")
     if isinstance(clip, bool) or not isinstance(clip, (int, float)):
-        raise TypeError(f"clip must be None, 'auto', 'zscore', a positive float or a ClipPolicy, got {clip!r}")
+        raise TypeError(f"clip must be None, 'auto', 'zscore', 'percentile', a positive float or a ClipPolicy, "
+                        f"got {clip!r}")
     return fixed(float(clip))
 
 

@@ -1,7 +1,8 @@
 """The few array operations the per-step math needs, so it is written once for every framework.
 
 The per-step math (``stats.device_step`` and the clipping policies) is written against a small
-namespace ``xp`` with: ``where, sqrt, log, exp, maximum, minimum, isfinite, sum, asfloat, concat, stack``
+namespace ``xp`` with: ``where, sqrt, log, exp, maximum, minimum, isfinite, sum, asfloat, asint, concat, stack,
+sort, take``
 (and indexing ``x[-1]``, ``x[None]``, ``x[:1]``).
 ``maximum``/``minimum`` accept a Python float as their second argument. Operators
 (``+ - * / < >= &``) work on the framework's own arrays. Adapters pass their framework's
@@ -30,6 +31,9 @@ numpy_ops = types.SimpleNamespace(
     isfinite=np.isfinite,
     sum=lambda x: np.sum(x, dtype=np.float32),
     asfloat=_np_asfloat,
+    asint=lambda x: np.asarray(x).astype(np.int64),
     concat=np.concatenate,
     stack=np.stack,
+    sort=np.sort,
+    take=lambda x, i: np.take(x, np.asarray(i).astype(np.int64)),
 )

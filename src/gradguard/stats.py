@@ -82,7 +82,7 @@ def init_state(n_layers: int, policy: ClipPolicy) -> dict[str, np.ndarray]:
     state.update({"trk_count": np.float32(0), "trk_mean": np.float32(0), "trk_var": np.float32(0),
                   "threshold": np.float32(INF)})
     for k, v in policy.init().items():
-        state["clip_" + k] = np.float32(v)
+        state["clip_" + k] = np.asarray(v, np.float32)
     return state
 
 
@@ -222,7 +222,7 @@ class WindowStats:
             max_jump=float(st["acc_max_jump"]),
             tracker_level=math.exp(float(st["trk_mean"])) if float(st["trk_count"]) > 0 else math.nan,
             threshold=float(st["threshold"]),
-            policy_state={k[5:]: float(v) for k, v in st.items() if k.startswith("clip_")},
+            policy_state={k[5:]: float(v) for k, v in st.items() if k.startswith("clip_") and v.ndim == 0},
         )
 
 

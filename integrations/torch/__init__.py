@@ -87,6 +87,15 @@ def describe_model(model: nn.Module) -> ModelFacts:
     return ModelFacts.of(acts, norm, rec)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t if type(t) is torch.Tensor or not hasattr(t, "to_local") else t.to_local()
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    return hasattr(p, "placements") and any(pl.is_shard() for pl in p.placements)
+
+
 class TorchEngine:
     """The per-step machinery shared by ``GradGuard`` and the Lightning callback.
 
@@ -169,7 +178,7 @@ class TorchEngine:
             seen.update(id(p) for p in own)
             weight = next((p for p in own if p.dim() >= 2), None)
             units = weight.shape[0] if isinstance(module, _UNIT_TYPES) and weight is not None else None
-            fan_in = int(weight[0].numel()) if weight is not None else None
+            fan_in = math.prod(weight.shape[1:]) if weight is not None else None
             self.layers.append(LayerInfo(name or type(module).__name__, type(module).__name__,
                                          sum(p.numel() for p in own), fan_in, units))
             if units:
@@ -182,6 +191,7 @@ class TorchEngine:
         self.device = p0.device if p0.device.type != "meta" else torch.device("cpu")
         self._param_layer_t = torch.tensor(param_layer, device=self.device)
         self.n_layers = len(self.layers)
+        self._setup_sharding()
         self.monitor = Monitor(self.layers, describe_model(self.model), policy_name=self.policy.name,
                                skip_nonfinite=self.skip_nonfinite, sinks=self._sink_list,
                                config=self._detector_config, max_logged_layers=self._max_logged_layers,
@@ -194,6 +204,35 @@ class TorchEngine:
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
+
+    def _setup_sharding(self) -> None:
+        """FSDP2 (``fully_shard``) parameters are DTensors: each rank holds a shard. Statistics are
+        computed on the local shards and summed (or maxed) over the shard groups, one small
+        collective per step; parameters that are replicated count 1/world each, so once in the sum."""
+        self._shard_groups: list = []
+        self._param_share = None
+        sharded = [_is_sharded(p) for p in self.params]
+        if not any(sharded):
+            return
+        first = self.params[sharded.index(True)]
+        dims = [i for i, pl in enumerate(first.placements) if pl.is_shard()]
+        self._shard_groups = [first.device_mesh.get_group(i) for i in dims]
+        world = math.prod(first.device_mesh.size(i) for i in dims)
+        self._param_share = torch.tensor([1.0 if s else 1.0 / world for s in sharded], device=self.device)
+        self._unit_param = {}  # units are split across ranks: judge dead units by whole layers only
+
+    def _reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self._shard_groups:
+            d = torch.distributed
+            for group in self._shard_groups:
+                d.all_reduce(values, op=d.ReduceOp.SUM if op == "sum" else d.ReduceOp.MAX, group=group)
+        return values
+
+    def _share(self, per_param: torch.Tensor, present_only: bool = True) -> torch.Tensor:
+        """Weights per-parameter sums so replicated parameters count once after the shard-group sum."""
+        if self._param_share is None:
+            return per_param
+        return per_param * (self._param_share[self._present_idx_t] if present_only else self._param_share)
 
     def _is_logging_rank(self) -> bool:
         if self._logging_rank is not None:
@@ -226,6 +265,8 @@ class TorchEngine:
             self._present_key = present
             idx = [self.param_layer[i] for i, ok in enumerate(present) if ok]
             self._idx_t = torch.tensor(idx, device=self.device, dtype=torch.long)
+            self._present_idx_t = torch.tensor([i for i, ok in enumerate(present) if ok], device=self.device,
+                                               dtype=torch.long)
             has = torch.zeros(self.n_layers, device=self.device)
             if idx:
                 has[torch.tensor(sorted(set(idx)))] = 1.0
@@ -233,6 +274,7 @@ class TorchEngine:
         return [g for g in grads if g is not None]
 
     def _layer_sq(self, grads) -> torch.Tensor:
+        grads = [_local(g) for g in grads]
         dense = all(not g.is_sparse for g in grads)
         same = dense and all(g.device == self.device for g in grads)
         if same:
@@ -240,8 +282,8 @@ class TorchEngine:
         else:  # sparse gradients or several devices: one norm at a time
             norms = [(g.coalesce()._values() if g.is_sparse else g).norm(dtype=torch.float32).to(self.device)
                      for g in grads]
-        sq = torch.stack(norms).square()
-        return torch.zeros(self.n_layers, device=self.device).index_add_(0, self._idx_t, sq)
+        sq = self._share(torch.stack(norms).square())
+        return self._reduce(torch.zeros(self.n_layers, device=self.device).index_add_(0, self._idx_t, sq))
 
     def before_step(self) -> bool:
         """Measure, clip, and gate. Returns False when the step must be skipped (non-finite
@@ -316,14 +358,14 @@ class TorchEngine:
     def _per_layer(self, values: torch.Tensor, reduce: str = "sum") -> np.ndarray:
         out = torch.zeros(self.n_layers, device=self.device, dtype=torch.float32)
         if reduce == "sum":
-            out.index_add_(0, self._idx_t, values)
+            out.index_add_(0, self._idx_t, self._share(values))
         else:
             out.scatter_reduce_(0, self._idx_t, values, "amax")
-        return out.cpu().numpy().astype(np.float64)
+        return self._reduce(out, reduce).cpu().numpy().astype(np.float64)
 
     def _take_snapshot(self, grads, layer_sq) -> stats.Snapshot:
         with torch.no_grad():
-            dense = [g for g in grads if not g.is_sparse]
+            dense = [_local(g) for g in grads if not g.is_sparse]
             if len(dense) != len(grads):
                 return stats.Snapshot(norm=layer_sq.sqrt().cpu().numpy().astype(np.float64))
             numel = np.array([l.numel for l in self.layers], dtype=np.float64)
@@ -332,7 +374,8 @@ class TorchEngine:
                                       "amax")
             zeros = self._per_layer(torch.stack([(g == 0).sum().float() for g in dense]))
             present = [p for p, ok in zip(self.params, self._present_key) if ok]
-            w_sq = torch.stack(torch._foreach_norm([p.detach() for p in present], 2, dtype=torch.float32)).square()
+            w_sq = torch.stack(torch._foreach_norm([_local(p.detach()) for p in present], 2,
+                                                   dtype=torch.float32)).square()
             weight_norm = np.sqrt(self._per_layer(w_sq))
             dead = [None] * self.n_layers
             for i, w in self._unit_param.items():
@@ -362,7 +405,7 @@ class TorchEngine:
         self._before = []
         with torch.no_grad():
             for p in self.params:
-                flat = p.detach().reshape(-1)
+                flat = _local(p.detach()).reshape(-1)
                 stride = max(1, flat.numel() // _UPDATE_SAMPLE)
                 self._before.append((stride, flat[::stride].clone()))
 
@@ -370,11 +413,13 @@ class TorchEngine:
         with torch.no_grad():
             sq = []
             for p, (stride, old) in zip(self.params, self._before):
-                sample = p.detach().reshape(-1)[::stride]
-                d = (sample.float() - old.float()).square().sum() * (p.numel() / max(sample.numel(), 1))
+                local = _local(p.detach()).reshape(-1)
+                sample = local[::stride]
+                d = (sample.float() - old.float()).square().sum() * (local.numel() / max(sample.numel(), 1))
                 sq.append(d)
             out = torch.zeros(self.n_layers, device=self.device).index_add_(
-                0, self._param_layer_t, torch.stack(sq).to(self.device))
+                0, self._param_layer_t, self._share(torch.stack(sq).to(self.device), present_only=False))
+            self._reduce(out)
         return np.sqrt(out.cpu().numpy().astype(np.float64))
 
     # ------------------------------------------------------------------ checkpoints

@@ -356,3 +356,20 @@ def test_a_model_without_trainable_parameters_is_rejected():
         GradGuard(frozen)
     with pytest.raises(TypeError, match="model"):
         GradGuard("not a model")
+
+
+def test_agc_bounds_each_unit_by_its_weight():
+    torch.manual_seed(0)
+    model = mlp(2, init=he)
+    guard = GradGuard(model, clip="agc", log_every_n_steps=5)
+    x, y = digits(64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt.zero_grad()
+    (1e3 * nn.functional.cross_entropy(model(x), y)).backward()
+    guard.step(opt)
+    for p in model.parameters():
+        if p.dim() == 2:
+            ratio = p.grad.norm(dim=1) / p.detach().norm(dim=1).clamp_min(1e-3)
+            assert ratio.max() <= 0.01 * (1 + 1e-4)
+        else:
+            assert (p.grad.abs() <= 0.01 * p.detach().abs().clamp_min(1e-3) * (1 + 1e-4)).all()

@@ -299,7 +299,9 @@ class TorchEngine:
         scale, finite, self.state = stats.device_step(self.state, layer_sq, self._has_t, self.policy, torch_ops,
                                                      self.tracker)
         self._snapshot = self._take_snapshot(grads, layer_sq) if self._log_step else None
-        may_clip = self.policy.name != "none" and self.clipping_allowed
+        if self.policy.unitwise is not None and self.clipping_allowed:
+            self._clip_unitwise(grads)
+        may_clip = self.policy.name not in ("none", "agc") and self.clipping_allowed
         if self.skip_nonfinite:
             # The one host read of a non-log step (GradScaler's gate): 0 = non-finite, 1 = finite,
             # 2 = finite and to be clipped; so the clipping pass runs only when it changes something.
@@ -315,6 +317,18 @@ class TorchEngine:
         if self._snapshot is not None and self.measure_updates:
             self._remember_weights()
         return True
+
+    def _clip_unitwise(self, grads) -> None:
+        """AGC: per-unit norms of gradient and weight, the policy's rule, one multiply per tensor.
+        (A non-finite step is skipped afterwards anyway; NaN units simply stay NaN.)"""
+        present = [p for p, ok in zip(self.params, self._present_key) if ok]
+        with torch.no_grad():
+            for p, g in zip(present, grads):
+                g, w = _local(g), _local(p.detach())
+                dims = tuple(range(1, g.dim()))
+                g_norm = g.float().norm(dim=dims, keepdim=True) if dims else g.float().abs()
+                w_norm = w.float().norm(dim=dims, keepdim=True) if dims else w.float().abs()
+                g.mul_(self.policy.unitwise(g_norm, w_norm, torch_ops).to(g.dtype))
 
     def after_step(self, stepped: bool = True) -> Decision | None:
         """Call once the optimizer has run (or was skipped). On a log step: read the window, run the

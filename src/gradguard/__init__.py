@@ -4,7 +4,7 @@ The core is framework-free (numpy only). The adapters live in ``gradguard.torch`
 ``gradguard.lightning``, ``gradguard.keras`` and ``gradguard.wandb`` and import their framework lazily.
 """
 
-from gradguard.clipping import ClipPolicy, auto, fixed, no_clipping, zscore
+from gradguard.clipping import ClipPolicy, agc, auto, fixed, no_clipping, percentile, zscore
 from gradguard.detectors import DetectorConfig
 from gradguard.findings import KINDS, SEVERITIES, Finding
 from gradguard.layers import LayerInfo, ModelFacts
@@ -15,7 +15,7 @@ from gradguard.stats import Snapshot, TrackerConfig, WindowStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClipPolicy", "auto", "fixed", "no_clipping", "zscore", "DetectorConfig", "KINDS", "SEVERITIES", "Finding",
+    "ClipPolicy", "agc", "auto", "fixed", "no_clipping", "percentile", "zscore", "DetectorConfig", "KINDS", "SEVERITIES", "Finding",
     "LayerInfo", "ModelFacts", "Decision", "GradGuardWarning", "Monitor", "JsonlSink", "LoggingSink", "LogRecord",
     "Sink", "Snapshot", "TrackerConfig", "WindowStats", "__version__",
 ]

@@ -31,6 +31,8 @@ class ClipPolicy(NamedTuple):
     init: Callable[[], dict[str, float]]
     update: Callable[[Mapping[str, Any], Any, Signals, Any], tuple[Any, dict[str, Any]]]
     describe: str
+    # Unit-wise rules (AGC) also scale each unit: (grad unit norms, weight unit norms, xp) -> factors.
+    unitwise: Callable[[Any, Any, Any], Any] | None = None
 
 
 def no_clipping() -> ClipPolicy:
@@ -132,7 +134,22 @@ def percentile(p: float = 10.0, history: int = 1000) -> ClipPolicy:
     return ClipPolicy("percentile", init, update, f"AutoClip {p:g}th percentile of the last {history} norms")
 
 
-CLIP_NAMES = ("auto", "zscore", "percentile")
+def agc(clipping: float = 0.01, eps: float = 1e-3) -> ClipPolicy:
+    """Adaptive gradient clipping (Brock et al., NFNets): each unit's gradient (a row of a weight,
+    an output channel of a conv kernel, an element of a bias) is scaled down so that
+    ``|g_unit| <= clipping * max(|w_unit|, eps)``; the global norm is not clipped."""
+    clipping = _positive("clipping", clipping)
+    eps = _positive("eps", eps)
+
+    def unit_scale(grad_norm, weight_norm, xp):
+        max_norm = clipping * xp.maximum(weight_norm, eps)
+        return xp.where(grad_norm > max_norm, max_norm / xp.maximum(grad_norm, 1e-6), 1.0)
+
+    return ClipPolicy("agc", dict, lambda state, norm, signals, xp: (INF, dict(state)),
+                      f"AGC unit-wise, clipping={clipping:g}", unit_scale)
+
+
+CLIP_NAMES = ("auto", "zscore", "percentile", "agc")
 
 
 def resolve(clip: Any) -> ClipPolicy:
@@ -148,11 +165,13 @@ def resolve(clip: Any) -> ClipPolicy:
             return zscore()
         if clip == "percentile":
             return percentile()
-        raise ValueError(f"clip must be None, 'auto', 'zscore', 'percentile', a positive float or a ClipPolicy, "
-                         f"got {clip!r}")
+        if clip == "agc":
+            return agc()
+        raise ValueError(f"clip must be None, 'auto', 'zscore', 'percentile', 'agc', a positive float or a "
+                         f"ClipPolicy, got {clip!r}")
     if isinstance(clip, bool) or not isinstance(clip, (int, float)):
-        raise TypeError(f"clip must be None, 'auto', 'zscore', 'percentile', a positive float or a ClipPolicy, "
-                        f"got {clip!r}")
+        raise TypeError(f"clip must be None, 'auto', 'zscore', 'percentile', 'agc', a positive float or a "
+                        f"ClipPolicy, got {clip!r}")
     return fixed(float(clip))
 
 

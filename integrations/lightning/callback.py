@@ -1,0 +1,413 @@
+"""``GradGuardCallback``: the plain-PyTorch engine (``gradguard.torch.TorchEngine``) inside a Trainer.
+
+Hook points, per optimizer step:
+
+* ``on_before_optimizer_step``: the closure has run, so gradients are fully accumulated, unscaled
+  under AMP, and the Trainer has not clipped yet. The engine measures, clips (unless the Trainer
+  clips) and, for a non-finite step, sets the gradients to None so the optimizer step that follows
+  leaves the weights and its state alone.
+* ``on_train_batch_end`` (or the next ``on_before_optimizer_step``, whichever comes first): the
+  optimizer has run; on log steps the detectors run and scalars go to the Trainer's loggers.
+* ``on_train_end``: the partial window is evaluated; ``teardown``: sinks are closed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+import uuid
+import warnings
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradguard import clipping
+from gradguard.findings import Finding
+from gradguard.sinks import LogRecord, Sink, make_sinks
+from gradguard.torch import TorchEngine
+
+
+def _callback_bases() -> tuple[type, ...]:
+    """The ``Callback`` of every Lightning namespace installed, so the callback is accepted by either
+    Trainer (``pytorch_lightning`` and ``lightning.pytorch`` each check their own ``Callback``)."""
+    bases = []
+    try:
+        import pytorch_lightning
+
+        bases.append(pytorch_lightning.Callback)
+    except ImportError:
+        pass
+    try:
+        has_unified = importlib.util.find_spec("lightning") is not None
+    except ValueError:  # a half-initialised "lightning" module in sys.modules
+        has_unified = False
+    if has_unified:
+        try:
+            from lightning.pytorch import Callback
+
+            bases.append(Callback)
+        except ImportError:
+            pass
+    if not bases:
+        raise ImportError('gradguard.lightning needs PyTorch Lightning: pip install "gradguard[lightning]"')
+    return tuple(bases)
+
+
+def _is(obj: Any, class_name: str) -> bool:
+    """Namespace-free isinstance by class name (``pytorch_lightning`` and ``lightning.pytorch``
+    define the same classes twice)."""
+    return any(c.__name__ == class_name for c in type(obj).__mro__)
+
+
+# Strategies that shard gradients or own the optimizer step: a rank's gradients are not the
+# all-reduced full gradients this callback needs.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def _trainer_clips(max_norm: float) -> clipping.ClipPolicy:
+    """What ``Trainer(gradient_clip_val=v)`` does (clip by global norm), described to the monitor so the
+    logs show the Trainer's threshold and how often it bites. The callback itself does not clip."""
+    rule = clipping.fixed(max_norm)
+    return rule._replace(describe=f"clipped by the Trainer (gradient_clip_val={max_norm:g})")
+
+
+def _trainer_clips_by_value(clip_value: float) -> clipping.ClipPolicy:
+    none = clipping.no_clipping()
+    return none._replace(name="trainer", describe=f"clipped by value by the Trainer (gradient_clip_val={clip_value:g})")
+
+
+class TrainerLoggerSink(Sink):
+    """Scalars to every logger of the Trainer (CSVLogger, TensorBoardLogger, WandbLogger, ...), the
+    way ``LearningRateMonitor`` does, against the optimizer step the record covers. This step is
+    Lightning's own logging step (``self.log`` rows of the same batch carry the same step)."""
+
+    def __init__(self, trainer: Any):
+        self._trainer = weakref.ref(trainer)
+
+    def log(self, record: LogRecord) -> None:
+        trainer = self._trainer()
+        if trainer is None:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(record.scalars), step=record.step)
+
+
+def _remove_if_exists(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+class GradGuardCallback(*_callback_bases()):
+    """Watch, diagnose and protect the gradients of a LightningModule.
+
+    Args:
+        clip: ``"auto"`` (default: off until a spike or explosion, then adaptive), ``"zscore"`` (ZClip),
+            a float (fixed max global norm), ``None`` (measure only), or a ``gradguard.ClipPolicy``.
+            If the Trainer clips (``gradient_clip_val``), the callback does not clip a second time:
+            it measures the raw gradients and reports the Trainer's threshold.
+        log_every_n_steps: optimizer steps between log steps (statistics leave the device, detectors
+            run, scalars are logged). ``None``: the Trainer's ``log_every_n_steps``, so gradguard's
+            rows line up with the Trainer's own.
+        skip_nonfinite: skip an optimizer step whose gradients hold NaN/Inf (weights and optimizer
+            state untouched); on every DDP rank alike, since the gradients are the all-reduced ones.
+        max_logged_layers: per-layer scalars for at most this many layers, spread over depth, first
+            and last always included (``None``: every layer).
+        sinks: extra gradguard sinks on global rank zero: ``None``, a directory or ``.jsonl`` path, a
+            ``gradguard.Sink`` or a list of them (pass a path, not an open sink, under ``ddp_spawn``).
+        wandb: W&B extras (histograms, gradient-flow heatmap, alerts, findings in the summary) through
+            ``gradguard.wandb.WandbSink``. ``None`` (default): when the Trainer has a ``WandbLogger`` or
+            a ``wandb.run`` is active. ``True``: always (raises if wandb is missing). ``False``: never.
+        **engine_options: passed to ``gradguard.torch.TorchEngine`` (``detector_config``,
+            ``tracker_config``, ``measure_updates``, ``histograms``).
+    """
+
+    def __init__(self, clip: Any = "auto", log_every_n_steps: int | None = None, skip_nonfinite: bool = True,
+                 max_logged_layers: int | None = 32, sinks: Any = None, wandb: bool | None = None,
+                 **engine_options: Any):
+        clipping.resolve(clip)  # raises on a bad value, naming clip=
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or
+                                              not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"log_every_n_steps must be None or a positive integer, got {log_every_n_steps!r}")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+        if max_logged_layers is not None and (isinstance(max_logged_layers, bool) or
+                                              not isinstance(max_logged_layers, int) or max_logged_layers < 2):
+            raise ValueError(f"max_logged_layers must be None or an int >= 2, got {max_logged_layers!r}")
+        if wandb not in (None, True, False):
+            raise TypeError(f"wandb must be None, True or False, got {wandb!r}")
+        allowed = {"detector_config", "tracker_config", "measure_updates", "histograms"}
+        unknown = sorted(set(engine_options) - allowed)
+        if unknown:
+            raise TypeError(f"GradGuardCallback got unexpected keyword argument(s) {unknown}; "
+                            f"engine options are {sorted(allowed)}")
+        if sinks is not None:
+            _check_sinks(sinks)
+        self.clip = clip
+        self.log_every_n_steps = log_every_n_steps
+        self.skip_nonfinite = skip_nonfinite
+        self.max_logged_layers = max_logged_layers
+        self.sinks = sinks
+        self.wandb = wandb
+        self.engine_options = engine_options
+
+        self._engine: TorchEngine | None = None
+        self._pending_state: dict | None = None  # loaded before setup, or carried from a worker process
+        self._state_loaded = False
+        self._in_step: bool | None = None  # set between before_step and after_step: did the step go ahead
+        self._live = False  # an engine is attached to a running fit
+        self._plan: tuple[Any, bool] | None = None  # (policy, clipping allowed), decided at setup
+        self.trainer_clips = False
+        # ddp_spawn / ddp_fork run fit in worker processes; global rank zero hands its state back
+        # through this file so ``findings`` works in the launching process too.
+        self._origin_pid = os.getpid()
+        self._handoff = os.path.join(tempfile.gettempdir(), f"gradguard-lightning-{uuid.uuid4().hex}.pt")
+        self._finalizer = weakref.finalize(self, _remove_if_exists, self._handoff, self._origin_pid)
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def engine(self) -> TorchEngine | None:
+        """The ``TorchEngine`` of the current (or last) fit, on this process."""
+        return self._engine
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The same ``gradguard.Finding`` list as ``GradGuard.findings``; steps since the last log
+        step are evaluated first."""
+        self._collect_worker_result()
+        if self._engine is not None and self._engine.monitor is not None:
+            if self._live and self._in_step is None:
+                self._engine.flush()
+            return self._engine.monitor.findings
+        state = self._pending_state or {}
+        found = [Finding.from_dict(f) for f in state.get("monitor", {}).get("findings", [])]
+        return sorted(found, key=lambda f: (f.step, f.kind))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients."""
+        return int(self._totals().get("skipped", 0))
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Counters over the whole run: steps, skipped, nonfinite, clipped, spikes."""
+        return {k: int(v) for k, v in self._totals().items()}
+
+    @property
+    def history(self) -> list:
+        """``(step, per-layer window-mean gradient norm)`` per log step."""
+        self._collect_worker_result()
+        if self._engine is not None and self._engine.monitor is not None:
+            return list(self._engine.monitor.history)
+        rows = (self._pending_state or {}).get("monitor", {}).get("history", [])
+        return [(int(step), np.asarray(row, dtype=np.float32)) for step, row in rows]
+
+    def _totals(self) -> dict:
+        self._collect_worker_result()
+        if self._engine is not None and self._engine.monitor is not None:
+            if self._live and self._in_step is None:
+                self._engine.flush()
+            return dict(self._engine.monitor.totals)
+        return dict((self._pending_state or {}).get("monitor", {}).get("totals", {}))
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Check the configuration early; the engine is built in ``on_fit_start``, once
+        ``configure_model`` and the strategy have run."""
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        for name in _UNSUPPORTED_STRATEGIES:
+            if _is(strategy, name):
+                raise ValueError(f"GradGuardCallback supports single-device and DDP strategies, got "
+                                 f"strategy={type(strategy).__name__}: it shards the gradients (or owns the "
+                                 "optimizer step), so no rank sees the full gradient to measure")
+        self._plan = self._clip_plan(trainer, pl_module, bool(trainer.is_global_zero))
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        optimizers = list(getattr(trainer, "optimizers", []) or [])
+        if len(optimizers) > 1:
+            raise ValueError(f"GradGuardCallback watches one optimizer stepping the whole model, got "
+                             f"{len(optimizers)} optimizers (manual optimization). Use gradguard.torch.GradGuard "
+                             "on each sub-model in training_step instead: guard.step(opt) in place of opt.step().")
+        rank_zero = bool(trainer.is_global_zero)
+        policy, clipping_allowed = self._plan or self._clip_plan(trainer, pl_module, rank_zero)
+        carry = self._carry_state(pl_module)
+        if self._engine is not None and self._live:
+            self._engine.close()
+        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        sinks = self._make_sinks(trainer) if rank_zero else []
+        engine = TorchEngine(pl_module, clip=policy, log_every_n_steps=every, skip_nonfinite=self.skip_nonfinite,
+                             sinks=sinks, max_logged_layers=self.max_logged_layers, logging_rank=rank_zero,
+                             **self.engine_options)
+        engine.clipping_allowed = clipping_allowed
+        if carry:
+            engine.load_state_dict(carry)
+        self._engine, self._live, self._in_step = engine, True, None
+
+    def _clip_plan(self, trainer: Any, pl_module: Any, rank_zero: bool) -> tuple[Any, bool]:
+        """Never clip twice: an explicit ``Trainer(gradient_clip_val=...)`` wins; the callback then
+        only measures and reports the Trainer's threshold."""
+        clip_val = getattr(trainer, "gradient_clip_val", None)
+        self.trainer_clips = clip_val is not None and clip_val > 0
+        if self.trainer_clips:
+            algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+            if self.clip is not None and rank_zero:
+                warnings.warn(f"gradguard: Trainer(gradient_clip_val={clip_val}) already clips the gradients, so "
+                              f"GradGuardCallback(clip={self.clip!r}) measures only and does not clip a second "
+                              "time. Pass clip=None to silence this, or drop gradient_clip_val to let gradguard "
+                              "clip.", UserWarning, stacklevel=2)
+            if algorithm == "norm":
+                return _trainer_clips(float(clip_val)), False
+            return _trainer_clips_by_value(float(clip_val)), False
+        if self.clip is not None and rank_zero and _overrides(pl_module, "configure_gradient_clipping"):
+            warnings.warn(f"gradguard: {type(pl_module).__name__} overrides configure_gradient_clipping. If it "
+                          f"clips, pass GradGuardCallback(clip=None) so the gradients are not clipped twice "
+                          f"(GradGuardCallback clips first, with clip={self.clip!r}).", UserWarning, stacklevel=2)
+        return self.clip, True
+
+    def _carry_state(self, pl_module: Any) -> dict | None:
+        """State to continue from: one loaded before fit start (a checkpoint, ``load_state_dict``,
+        a worker's hand-off), else the previous fit's of the same model."""
+        self._collect_worker_result()
+        state, self._pending_state = self._pending_state, None
+        if state:
+            return state
+        if self._engine is not None and self._engine.model is pl_module:
+            return self._engine.state_dict() or None
+        return None
+
+    def _make_sinks(self, trainer: Any) -> list[Sink]:
+        sinks: list[Sink] = [TrainerLoggerSink(trainer)]
+        wandb_loggers = [lg for lg in trainer.loggers if _is(lg, "WandbLogger")]
+        want = self.wandb
+        if want is None:
+            active_run = getattr(sys.modules.get("wandb"), "run", None)  # never import wandb just to look
+            want = bool(wandb_loggers) or active_run is not None
+        if want:
+            from gradguard.wandb import WandbSink  # raises an ImportError naming the extra
+
+            if wandb_loggers:  # scalars already reach W&B through the logger
+                sinks += [WandbSink(lg.experiment, scalars=False) for lg in wandb_loggers]
+            else:
+                sinks.append(WandbSink())
+        return sinks + make_sinks(self.sinks)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        engine = self._engine
+        if engine is not None and not self._state_loaded and engine.step_count == 0 and trainer.global_step:
+            # resumed from a checkpoint that holds no gradguard state: count from the Trainer's step
+            engine.step_count = int(trainer.global_step)
+
+    # ------------------------------------------------------------------ per optimizer step
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self._engine is None:
+            return
+        if self._in_step is not None:  # several optimizer steps in one batch (manual optimization)
+            self._finish_step()
+        self._in_step = self._engine.before_step()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._in_step is not None:
+            self._finish_step()
+
+    def _finish_step(self) -> None:
+        stepped, self._in_step = self._in_step, None
+        self._engine.after_step(bool(stepped))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._engine is None:
+            return
+        if self._in_step is not None:
+            self._finish_step()
+        self._engine.flush()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self._engine is None or not self._live:
+            return
+        if self._in_step is not None:
+            self._finish_step()
+        if os.getpid() != self._origin_pid and trainer.is_global_zero:
+            state = self._engine.state_dict()
+            if state:
+                torch.save(state, self._handoff)
+        self._engine.close()
+        self._live = False
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # The Trainer skips teardown after an exception: report what was seen, remove the hooks, close
+        # the sinks; the findings stay readable.
+        if self._engine is None or not self._live:
+            return
+        try:
+            if self._in_step is not None:
+                self._in_step = False  # whether the optimizer ran is unknown: count it as not stepped
+                self._finish_step()
+            self._engine.flush()
+        finally:
+            self._engine.close()
+            self._live = False
+
+    def _collect_worker_result(self) -> None:
+        if self._engine is None and os.getpid() == self._origin_pid and os.path.exists(self._handoff):
+            self._pending_state = torch.load(self._handoff, weights_only=True)
+            self._state_loaded = True
+            os.remove(self._handoff)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        self._collect_worker_result()
+        state = self._engine.state_dict() if self._engine is not None else dict(self._pending_state or {})
+        return {"version": 1, "engine": state} if state else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if state_dict.get("version") != 1 or "engine" not in state_dict:
+            raise ValueError(f"state_dict is not a GradGuardCallback state (keys {sorted(state_dict)[:5]})")
+        self._state_loaded = True
+        if self._engine is not None and self._live:
+            self._engine.load_state_dict(state_dict["engine"])
+        else:  # applied when the engine is built at fit start
+            self._pending_state = state_dict["engine"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into ddp_spawn workers: carry the engine's state, not the engine (hooks, model refs).
+        state = self.__dict__.copy()
+        engine = state.pop("_engine", None)
+        if engine is not None:
+            state["_pending_state"] = engine.state_dict() or None
+        state.update(_engine=None, _in_step=None, _finalizer=None, _live=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def _overrides(pl_module: Any, method: str) -> bool:
+    for cls in type(pl_module).__mro__:
+        if method in cls.__dict__:
+            return not cls.__module__.startswith(("pytorch_lightning.", "lightning.pytorch."))
+    return False
+
+
+def _check_sinks(sinks: Any) -> None:
+    """Validate ``sinks=`` now (the sinks themselves are made at setup, on rank zero)."""
+    if isinstance(sinks, (str, os.PathLike, Sink)):
+        return
+    if isinstance(sinks, (list, tuple)):
+        for s in sinks:
+            _check_sinks(s)
+        return
+    raise TypeError(f"sinks must be None, a path, a gradguard.Sink or a list of them, got {sinks!r}")
+

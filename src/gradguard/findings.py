@@ -85,7 +85,7 @@ REMEDIES = {
     "normalization": "Add normalization between layers (BatchNorm, LayerNorm or GroupNorm).",
     "residual": "Add residual (skip) connections so gradients reach early layers directly.",
     "lstm_gru": "For recurrent nets, use LSTM or GRU cells instead of a plain RNN.",
-    "clipping": "Clip gradients: GradGuard(clip='auto') or a fixed maximum global norm.",
+    "clipping": "Clip gradients: clip='auto' (GradGuard / GradGuardCallback) or a fixed maximum global norm.",
     "lower_lr": "Lower the learning rate, or add a learning-rate warm-up.",
     "check_data": "Check the batch for NaN/Inf inputs or labels and the loss for log(0) or division by zero.",
     "mixed_precision": "Under float16 use dynamic loss scaling (GradScaler), or train in bfloat16.",

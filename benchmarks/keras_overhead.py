@@ -33,7 +33,27 @@ import time
 CONFIGS = ("plain", "noop_batch_cb", "gradguard", "monitor_only")
 
 
+def limit_threads(backend: str, threads: int) -> None:
+    """Pin the framework to a few threads: on a small shared machine this makes step times far
+    steadier, and the ratio is what is measured."""
+    if threads <= 0:
+        return
+    if backend == "tensorflow":
+        import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    elif backend == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        torch.set_num_interop_threads(threads)
+
+
 def run_backend(args) -> dict:
+    backend = os.environ["KERAS_BACKEND"]
+    if backend == "jax" and args.threads > 0:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   f"intra_op_parallelism_threads={args.threads}").strip()
+    limit_threads(backend, args.threads)
     import keras
     import numpy as np
 
@@ -118,6 +138,7 @@ def main():
     parser.add_argument("--features", type=int, default=256)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="framework threads (0: its default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -138,7 +159,8 @@ def main():
         result["wall_s"] = time.perf_counter() - started
         results.append(result)
 
-    print(f"\nMLP {args.features}-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch}, Adam; "
+    print(f"\nthreads per framework: {args.threads or 'default'}")
+    print(f"MLP {args.features}-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch}, Adam; "
           f"{args.reps} interleaved repetitions x {args.epochs - 1} steady epochs x {args.steps} steps\n")
     header = f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>14}" for c in CONFIGS)
     print("steady state, median ms per step (ratio to plain)")

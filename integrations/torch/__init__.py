@@ -170,7 +170,7 @@ class TorchEngine:
         self.layers: list[LayerInfo] = []
         self.params: list[nn.Parameter] = []
         param_layer: list[int] = []
-        self._unit_param: dict[int, nn.Parameter] = {}  # layer index -> weight whose rows are units
+        self._unit_param: dict[int, tuple] = {}  # layer index -> (weight whose rows are units, bias or None)
         for name, module in owners:
             own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
             if not own:
@@ -182,7 +182,9 @@ class TorchEngine:
             self.layers.append(LayerInfo(name or type(module).__name__, type(module).__name__,
                                          sum(p.numel() for p in own), fan_in, units))
             if units:
-                self._unit_param[len(self.layers) - 1] = weight
+                bias = getattr(module, "bias", None)
+                bias = bias if isinstance(bias, torch.Tensor) and bias.requires_grad else None
+                self._unit_param[len(self.layers) - 1] = (weight, bias)
             for p in own:
                 self.params.append(p)
                 param_layer.append(len(self.layers) - 1)
@@ -228,11 +230,10 @@ class TorchEngine:
                 d.all_reduce(values, op=d.ReduceOp.SUM if op == "sum" else d.ReduceOp.MAX, group=group)
         return values
 
-    def _share(self, per_param: torch.Tensor, present_only: bool = True) -> torch.Tensor:
-        """Weights per-parameter sums so replicated parameters count once after the shard-group sum."""
-        if self._param_share is None:
-            return per_param
-        return per_param * (self._param_share[self._present_idx_t] if present_only else self._param_share)
+    def _share(self, per_param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Weights per-parameter sums (parameters at ``positions`` of ``self.params``) so replicated
+        parameters count once after the shard-group sum."""
+        return per_param if self._param_share is None else per_param * self._param_share[positions]
 
     def _is_logging_rank(self) -> bool:
         if self._logging_rank is not None:
@@ -282,7 +283,7 @@ class TorchEngine:
         else:  # sparse gradients or several devices: one norm at a time
             norms = [(g.coalesce()._values() if g.is_sparse else g).norm(dtype=torch.float32).to(self.device)
                      for g in grads]
-        sq = self._share(torch.stack(norms).square())
+        sq = self._share(torch.stack(norms).square(), self._present_idx_t)
         return self._reduce(torch.zeros(self.n_layers, device=self.device).index_add_(0, self._idx_t, sq))
 
     def before_step(self) -> bool:
@@ -369,12 +370,17 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ log-step measurements
 
-    def _per_layer(self, values: torch.Tensor, reduce: str = "sum") -> np.ndarray:
+    def _per_layer(self, values: torch.Tensor, reduce: str = "sum", pick: list[int] | None = None) -> np.ndarray:
+        """Per-parameter values of the parameters with a gradient (or of ``pick``, positions in that
+        list), summed or maxed per layer, over every shard."""
+        index, positions = self._idx_t, self._present_idx_t
+        if pick is not None:
+            index, positions = index[pick], positions[pick]
         out = torch.zeros(self.n_layers, device=self.device, dtype=torch.float32)
         if reduce == "sum":
-            out.index_add_(0, self._idx_t, self._share(values))
+            out.index_add_(0, index, self._share(values, positions))
         else:
-            out.scatter_reduce_(0, self._idx_t, values, "amax")
+            out.scatter_reduce_(0, index, values, "amax")
         return self._reduce(out, reduce).cpu().numpy().astype(np.float64)
 
     def _take_snapshot(self, grads, layer_sq) -> stats.Snapshot:
@@ -384,17 +390,24 @@ class TorchEngine:
                 return stats.Snapshot(norm=layer_sq.sqrt().cpu().numpy().astype(np.float64))
             numel = np.array([l.numel for l in self.layers], dtype=np.float64)
             norm = layer_sq.sqrt().cpu().numpy().astype(np.float64)
-            max_abs = self._per_layer(torch.stack(torch._foreach_norm(dense, float("inf"), dtype=torch.float32)),
-                                      "amax")
-            zeros = self._per_layer(torch.stack([(g == 0).sum().float() for g in dense]))
+            # max-abs and zero counts only feed the logged keys: take them for the logged layers only
+            logged = set(self.monitor.logged.tolist())
+            owner = self._idx_t.tolist()
+            pick = [j for j, layer in enumerate(owner) if layer in logged]
+            sub = [dense[j] for j in pick]
+            max_abs = self._per_layer(torch.stack(torch._foreach_norm(sub, float("inf"), dtype=torch.float32)),
+                                      "amax", pick)
+            nonzero = torch.stack([torch.count_nonzero(g).float() for g in sub])
+            sub_numel = torch.tensor([float(g.numel()) for g in sub], device=self.device)
+            zeros = self._per_layer(sub_numel - nonzero, "sum", pick)
             present = [p for p, ok in zip(self.params, self._present_key) if ok]
             w_sq = torch.stack(torch._foreach_norm([_local(p.detach()) for p in present], 2,
                                                    dtype=torch.float32)).square()
             weight_norm = np.sqrt(self._per_layer(w_sq))
             dead = [None] * self.n_layers
-            for i, w in self._unit_param.items():
-                if w.grad is not None:
-                    dead[i] = (w.grad.detach().flatten(1).abs().amax(1) == 0).cpu().numpy()
+            for i, (weight, bias) in self._unit_param.items():
+                if weight.grad is not None:
+                    dead[i] = self._dead_units(weight.grad.detach(), None if bias is None else bias.grad)
             hist = None
             if self.histograms:
                 hist = {}
@@ -408,10 +421,24 @@ class TorchEngine:
                             hist[self.layers[i].name] = (counts, edges)
             has = self._has_t.cpu().numpy() > 0
             nan = np.full(self.n_layers, np.nan)
+            measured = has & np.isin(np.arange(self.n_layers), list(logged))
             return stats.Snapshot(
                 norm=np.where(has, norm, nan), rms=np.where(has, norm / np.sqrt(numel), nan),
-                max_abs=np.where(has, max_abs, nan), zero_frac=np.where(has, zeros / numel, nan),
+                max_abs=np.where(measured, max_abs, nan), zero_frac=np.where(measured, zeros / numel, nan),
                 weight_norm=weight_norm, weight_rms=weight_norm / np.sqrt(numel), dead_units=dead, histograms=hist)
+
+    @staticmethod
+    def _dead_units(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> np.ndarray:
+        """Units whose whole gradient row is exactly zero. A non-zero bias gradient already proves a
+        unit alive, so only the other rows are read (all of them for a bias-free layer)."""
+        rows = weight_grad.flatten(1)
+        suspect = torch.arange(rows.shape[0], device=rows.device)
+        if bias_grad is not None:
+            suspect = torch.nonzero(bias_grad.detach() == 0).flatten()
+        dead = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        if suspect.numel():
+            dead[suspect] = torch.count_nonzero(rows[suspect], dim=1) == 0
+        return dead.cpu().numpy()
 
     def _remember_weights(self) -> None:
         """A strided sample of each parameter (at most 4096 elements), so the update the optimizer
@@ -431,8 +458,9 @@ class TorchEngine:
                 sample = local[::stride]
                 d = (sample.float() - old.float()).square().sum() * (local.numel() / max(sample.numel(), 1))
                 sq.append(d)
+            every = torch.arange(len(self.params), device=self.device)
             out = torch.zeros(self.n_layers, device=self.device).index_add_(
-                0, self._param_layer_t, self._share(torch.stack(sq).to(self.device), present_only=False))
+                0, self._param_layer_t, self._share(torch.stack(sq).to(self.device), every))
             self._reduce(out)
         return np.sqrt(out.cpu().numpy().astype(np.float64))
 

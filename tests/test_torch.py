@@ -309,7 +309,7 @@ def test_jsonl_sink_and_report(tmp_path):
     guard.close()
     lines = [json.loads(l) for l in (tmp_path / "run" / "gradguard.jsonl").read_text().splitlines()]
     steps = [l for l in lines if l["type"] == "step"]
-    assert [s["step"] for s in steps] == [24, 49, 74, 99]
+    assert [s["step"] for s in steps] == [0, 24, 49, 74, 99]  # the first step always logs
     keys = steps[-1]["scalars"]
     for key in ("grad/norm/global", "grad/norm/0", "grad/rms/0", "grad/max_abs/0", "grad/zero_frac/0",
                 "grad/grad_to_weight/0", "grad/update_to_weight/0", "grad/depth_ratio",
@@ -373,3 +373,98 @@ def test_agc_bounds_each_unit_by_its_weight():
             assert ratio.max() <= 0.01 * (1 + 1e-4)
         else:
             assert (p.grad.abs() <= 0.01 * p.detach().abs().clamp_min(1e-3) * (1 + 1e-4)).all()
+
+
+# ------------------------------------------------------------------------------- physics edges
+
+
+class MemoryRNN(nn.Module):
+    """Label = the first of T tokens: the net must carry it across all T steps."""
+
+    def __init__(self, cell=nn.RNN, T=100):
+        super().__init__()
+        self.T = T
+        self.emb = nn.Embedding(16, 16)
+        self.rnn = cell(16, 64, batch_first=True)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.emb(tokens))
+        return self.head(out[:, -1])
+
+
+def test_vanishing_through_time_in_a_plain_rnn():
+    torch.manual_seed(0)
+    model = MemoryRNN()
+    guard = GradGuard(model, log_every_n_steps=25)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        tokens = torch.randint(0, 16, (32, model.T), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(tokens), tokens[:, 0] % 4).backward()
+        guard.step(opt)
+    v = kinds(guard)["vanishing"]
+    assert v.layers == ("rnn",) and v.evidence["time_steps"] == 100
+    assert "plain RNN" in v.cause and any("LSTM" in r for r in v.remedies)
+
+
+def test_a_lone_spike_is_clipped_but_not_an_explosion():
+    # Late in training one hard batch can lift the norm 10-40x for a single step; the next step is
+    # back at the level. clip="auto" clips that step; it is not a finding.
+    torch.manual_seed(0)
+    model = mlp(3, init=he)
+    guard = GradGuard(model, log_every_n_steps=50)
+    x, y = digits()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(150):
+        idx = torch.randint(0, len(x), (64,))
+        opt.zero_grad()
+        (nn.functional.cross_entropy(model(x[idx]), y[idx]) * (40.0 if step == 120 else 1.0)).backward()
+        guard.step(opt)
+    assert guard.findings == []
+    totals = guard.engine.monitor.totals
+    assert totals["spikes"] == 1 and totals["clipped"] == 1 and totals["explosions"] == 0
+
+
+def test_a_run_exploded_from_its_first_step():
+    # A deep linear net with orthogonal gain 2: the first update rewrites the weights, NaN next.
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32 if i < 9 else 1, bias=False) for i in range(10)])
+    for layer in model:
+        nn.init.orthogonal_(layer.weight, gain=2.0)
+    guard = GradGuard(model, clip=None)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randn(64, 32, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), x[:, :1]).backward()
+        guard.step(opt)
+    e = kinds(guard)["exploding"]
+    assert e.step == 0 and e.severity == "critical" and e.evidence["update_to_weight_ratio"] > 1
+    assert all_finite(model)  # the NaN steps that followed were skipped
+
+
+def test_a_confident_sigmoid_output_is_not_saturation():
+    torch.manual_seed(0)
+    model = nn.Sequential(mlp(2, init=he)[:-1], nn.Linear(64, 1), nn.Sigmoid())
+    guard = GradGuard(model, log_every_n_steps=25)
+    x, y = digits()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        idx = torch.randint(0, len(x), (64,))
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy(model(x[idx]), (y[idx] < 5).float()[:, None]).backward()
+        guard.step(opt)
+    assert guard.findings == []
+
+
+def test_hidden_tanh_with_large_init_saturates():
+    torch.manual_seed(0)
+    model = mlp(2, nn.Tanh, width=128, init=lambda l: nn.init.normal_(l.weight, std=1.0))
+    guard = GradGuard(model, log_every_n_steps=25)
+    train(model, guard, steps=100, opt="sgd", lr=0.01)
+    s = kinds(guard)["saturated"]
+    assert s.layers[0] == "1" and s.evidence["saturated_fraction"]["1"] > 0.5  # the first nn.Tanh
+    assert any("ReLU" in r for r in s.remedies)

@@ -56,6 +56,7 @@ torch_ops = types.SimpleNamespace(
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _UNIT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SATURATING_MODULES = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign)
+_RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -134,9 +135,15 @@ class TorchEngine:
         self._registration = [n for n, _ in self.model.named_modules()]
         self._first_call: dict[str, int] = {}
         self._order_hooks = [m.register_forward_pre_hook(self._order_hook(n)) for n, m in owners]
+        # Activations join the forward order too: one after which no layer runs is the model's output.
+        self._order_hooks += [m.register_forward_pre_hook(self._order_hook("act:" + n))
+                              for n, m in self.model.named_modules() if isinstance(m, _SATURATING_MODULES)]
         self._owners = owners
         self._saturation_hooks: list = []
         self._saturation: dict[str, float] = {}
+        self._temporal: dict[str, torch.Tensor] = {}
+        self._temporal_hooks = [m.register_forward_pre_hook(self._temporal_hook(n, m))
+                                for n, m in self.model.named_modules() if isinstance(m, _RECURRENT)]
         self.step_count = 0  # optimizer steps seen, skipped ones included
         self._built = False
         self._pending_state: dict | None = None
@@ -241,21 +248,53 @@ class TorchEngine:
         d = torch.distributed
         return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
 
+    def _is_log_step(self, step: int) -> bool:
+        # The first step logs too: the initial depth profile, and the first update (a learning rate
+        # or an init wrong from the start shows there, before the run has a level to spike from).
+        return step == 0 or (step + 1) % self.log_every_n_steps == 0
+
+    def _measuring_forward(self, module: nn.Module) -> bool:
+        """The training forward pass whose backward feeds a log step."""
+        return self._is_log_step(self.step_count) and torch.is_grad_enabled() and module.training
+
     def _install_saturation_hooks(self) -> None:
         """Sigmoid/tanh modules report the share of outputs in their flat tails, on the forward pass
-        that precedes a log step only."""
+        that precedes a log step only. An output activation (no layer runs after it) is left out:
+        with its matched loss (BCE on a sigmoid) the flat slope cancels exactly, and saturation there
+        only means confident predictions."""
+        last_layer = max((self._first_call.get(n, -1) for n, _ in self._owners), default=-1)
         for name, m in self.model.named_modules():
-            if isinstance(m, _SATURATING_MODULES):
+            if isinstance(m, _SATURATING_MODULES) and self._first_call.get("act:" + name, -1) < last_layer:
                 self._saturation_hooks.append(m.register_forward_hook(self._saturation_hook(name, m)))
 
     def _saturation_hook(self, name, module):
         lo, hi = (0.01, 0.99) if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)) else (-0.99, 0.99)
 
         def hook(mod, args, out):
-            if (self.step_count + 1) % self.log_every_n_steps == 0 and torch.is_grad_enabled() and mod.training:
+            if self._measuring_forward(mod):
                 with torch.no_grad():
                     self._saturation[name] = ((out <= lo) | (out >= hi)).float().mean()
         return hook
+
+    def _temporal_hook(self, name, module):
+        """On the forward pass before a log step, watch the gradient that reaches each time step of a
+        recurrent module's input (vanishing through time is invisible to per-layer statistics)."""
+        def pre(mod, args):
+            x = args[0] if args else None
+            if not (isinstance(x, torch.Tensor) and x.dim() == 3 and self._measuring_forward(mod)):
+                return None  # PackedSequence, unbatched input, or not a measuring pass
+            replaced = not x.requires_grad
+            if replaced:  # raw data: a leaf just for this measurement
+                x = x.detach().requires_grad_(True)
+            time_dim = 1 if mod.batch_first else 0
+
+            def grad_hook(g):
+                with torch.no_grad():
+                    self._temporal[name] = g.float().square().movedim(time_dim, 0).flatten(1).mean(1).sqrt()
+
+            x.register_hook(grad_hook)
+            return (x, *args[1:]) if replaced else None
+        return pre
 
     # ------------------------------------------------------------------ per step
 
@@ -291,7 +330,7 @@ class TorchEngine:
         gradients and ``skip_nonfinite``): the watched gradients are then set to None."""
         if not self._built:
             self._build()
-        self._log_step = (self.step_count + 1) % self.log_every_n_steps == 0
+        self._log_step = self._is_log_step(self.step_count)
         grads = self._grads()
         if not grads:
             self._snapshot = None
@@ -362,7 +401,9 @@ class TorchEngine:
             self.state[k] = torch.as_tensor(v, dtype=torch.float32, device=self.device)
         if snap is not None and self._saturation:
             snap.saturation = {k: float(v) for k, v in self._saturation.items()}
-        self._saturation = {}
+        if snap is not None and self._temporal:
+            snap.temporal = {k: v.cpu().double().numpy() for k, v in self._temporal.items()}
+        self._saturation, self._temporal = {}, {}
         decision = self.monitor.observe(window, snap)
         if decision.enable_clipping and "clip_enabled" in self.state:
             self.state["clip_enabled"] = torch.ones((), device=self.device)
@@ -495,9 +536,9 @@ class TorchEngine:
         self.monitor.load_state_dict(state["monitor"])
 
     def close(self) -> None:
-        for h in self._saturation_hooks + self._order_hooks:
+        for h in self._saturation_hooks + self._order_hooks + self._temporal_hooks:
             h.remove()
-        self._saturation_hooks, self._order_hooks = [], []
+        self._saturation_hooks, self._order_hooks, self._temporal_hooks = [], [], []
         if self.monitor is not None:
             self.monitor.close()
 

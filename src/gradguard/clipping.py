@@ -22,6 +22,7 @@ class Signals(NamedTuple):
     """What the spike tracker saw this step, before it ingested the step."""
 
     spike: Any  # 1.0 when this step's norm is a spike, else 0.0
+    explosion: Any  # 1.0 when this step confirms an explosion (a sustained or enormous spike)
     log_level: Any  # running level of log(norm)
     log_sigma: Any  # running spread of log(norm), floored
 
@@ -93,11 +94,12 @@ def zscore(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, e
 
 
 def auto(clip_z: float = 2.5) -> ClipPolicy:
-    """Off while gradients are healthy. The first spike the tracker sees (a norm an order of
-    magnitude above its running level, and unusual for this run's noise) switches clipping on,
-    on the device, for that very step and every step after: the threshold is then the tracker's
-    level plus ``clip_z`` spreads, so it follows the run's own scale. The host may also switch it
-    on (state ``enabled``) when it diagnoses an explosion the tracker did not see.
+    """Off while gradients are healthy. A lone spike (a norm an order of magnitude above the running
+    level, and unusual for this run's noise) is clipped on its own step; an explosion (the tracker's
+    confirmation: a sustained or enormous spike, or an overflow right after one) switches clipping
+    on, on the device, for that very step and every step after. The threshold is the tracker's level
+    plus ``clip_z`` spreads, so it follows the run's own scale. The host may also switch it on (state
+    ``enabled``) when it diagnoses an explosion the tracker did not see (updates that dwarf weights).
     """
     clip_z = _positive("clip_z", clip_z)
 
@@ -105,8 +107,9 @@ def auto(clip_z: float = 2.5) -> ClipPolicy:
         return {"enabled": 0.0}
 
     def update(state, norm, signals, xp):
-        enabled = xp.maximum(state["enabled"], signals.spike)
-        threshold = xp.where(enabled > 0, xp.exp(signals.log_level + clip_z * signals.log_sigma), INF)
+        enabled = xp.maximum(state["enabled"], signals.explosion)
+        active = xp.maximum(enabled, signals.spike)
+        threshold = xp.where(active > 0, xp.exp(signals.log_level + clip_z * signals.log_sigma), INF)
         return threshold, {"enabled": enabled}
 
     return ClipPolicy("auto", init, update, "auto: off until a spike or an explosion, then adaptive")

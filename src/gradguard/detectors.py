@@ -32,6 +32,7 @@ class DetectorConfig:
     min_steps: int = 10  # a condition must hold over this many optimizer steps to be a finding
     dead_fraction: float = 0.5  # at least this share of a layer's units dead
     dead_snapshots: int = 3  # consecutive log steps on which a unit's gradient was exactly zero
+    update_ratio_warning: float = 0.3  # one step changed the weights by a third of their norm (healthy: 0.1-5%)
     update_ratio: float = 1.0  # update norm / weight norm above this: the update dwarfs the weights
     saturation_fraction: float = 0.5  # share of activations in the flat tails
     small_init_gain: float = 0.25  # weight RMS * sqrt(fan_in) below this: initialised too small
@@ -82,11 +83,15 @@ def _init_gain(layers: Sequence[LayerInfo], snapshot: Snapshot | None) -> float 
 
 def vanishing(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | None,
               facts: ModelFacts, cfg: DetectorConfig, state: dict) -> Candidate | None:
-    """Early-layer collapse from the depth profile (window-mean RMS per layer, forward order)."""
+    """Early-layer collapse from the depth profile (window-mean RMS per layer, forward order), or,
+    for recurrent modules, through time (``snapshot.temporal``)."""
     numel = np.array([l.numel for l in layers], dtype=np.float64)
     rms = window.layer_norm_mean / np.sqrt(numel)
     # Layers with an exactly zero gradient are the dead detector's; layers without one are ignored.
-    valid = np.flatnonzero((window.layer_steps > 0) & np.isfinite(rms) & (rms > 0))
+    # Embeddings are lookups, not depth: only the rows of this batch's tokens get a gradient, so
+    # their RMS over the whole table is diluted by the vocabulary, not by vanishing.
+    lookup = np.array(["embedding" in l.kind.lower() for l in layers])
+    valid = np.flatnonzero((window.layer_steps > 0) & np.isfinite(rms) & (rms > 0) & ~lookup)
     holds = False
     if len(valid) >= 2:
         later = valid[len(valid) // 2:]
@@ -95,9 +100,14 @@ def vanishing(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         earlier = valid[: max(1, len(valid) // 2)]
         collapsed = [i for i, r in zip(valid, ratio) if i in set(earlier) and r < cfg.vanishing_ratio]
         holds = bool(collapsed) and collapsed[0] == valid[0]
+        if holds and snapshot is not None and snapshot.dead_units is not None:
+            # Starved through dead ReLUs (in the collapse or right after it): the dead detector's finding.
+            after = [i for i in valid if i > collapsed[-1]][:1]
+            holds = not any(snapshot.dead_units[i] is not None and np.mean(snapshot.dead_units[i]) >= cfg.dead_fraction
+                            for i in list(collapsed) + after)
     if not holds:
         state["steps"] = 0
-        return None
+        return vanishing_through_time(window, snapshot, facts, cfg, state)
     state["steps"] = state.get("steps", 0) + window.steps
     if state["steps"] < cfg.min_steps:
         return None
@@ -145,21 +155,64 @@ def vanishing(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
     return Candidate("vanishing", window.last_step, names, severity, message, tuple(dict.fromkeys(remedies)), evidence, cause)
 
 
+def vanishing_through_time(window: WindowStats, snapshot: Snapshot | None, facts: ModelFacts,
+                           cfg: DetectorConfig, state: dict) -> Candidate | None:
+    """A recurrence is one module, so the depth profile cannot see it; the adapter measures the
+    gradient reaching each time step's input on log steps. The first time step getting
+    ``vanishing_ratio`` of the last one's, on two log steps in a row, is vanishing through time."""
+    temporal = snapshot.temporal if snapshot is not None and snapshot.temporal else {}
+    streak = state.setdefault("temporal_streak", {})
+    hot = {}
+    for name, per_t in temporal.items():
+        per_t = np.asarray(per_t, dtype=np.float64)
+        first, last = float(per_t[0]), float(per_t[-1])
+        ratio = first / last if last > 0 else math.nan
+        holds = len(per_t) >= 2 and last > 0 and ratio < cfg.vanishing_ratio
+        streak[name] = streak.get(name, 0) + 1 if holds else 0
+        if streak[name] >= 2:
+            k = min(20, len(per_t))  # the per-step factor where the profile has not underflowed
+            a = float(per_t[-k])
+            per_step = (a / last) ** (1.0 / (k - 1)) if a > 0 and k > 1 else 0.0
+            hot[name] = (ratio, len(per_t), per_step)
+    if not hot:
+        return None
+    name, (ratio, steps, per_step) = min(hot.items(), key=lambda kv: kv[1][0])
+    orders = -math.log10(ratio) if ratio > 0 else math.inf
+    plain = bool(facts.recurrent & PLAIN_RNN)
+    cause = (f"a plain RNN over {steps} time steps" if plain else f"a recurrence over {steps} time steps") + (
+        f": the gradient shrinks about {1 / per_step:.2g}x per step going back in time" if per_step > 0 else "")
+    remedies = ((REMEDIES["lstm_gru"],) if plain else ()) + (
+        "Shorten the sequences (truncated backpropagation through time) or add attention/skip connections "
+        "across time.", REMEDIES["init_glorot_he"])
+    size = f"{orders:.1f} orders of magnitude smaller than" if math.isfinite(orders) else "exactly 0 (underflow), against"
+    message = (f"Vanishing gradients through time: in {name} the gradient reaching the first of {steps} time steps "
+               f"is {size} the last, so early inputs barely influence learning; likely cause: {cause}.")
+    severity = "critical" if not ratio >= cfg.vanishing_critical_ratio else "warning"
+    evidence = {"first_to_last_time_step_ratio": ratio, "orders_of_magnitude": orders if math.isfinite(orders) else None,
+                "time_steps": steps, "per_step_factor": per_step, "modules": {n: h[0] for n, h in hot.items()}}
+    return Candidate("vanishing", window.last_step, tuple(hot), severity, message, remedies, evidence, cause)
+
+
 # --------------------------------------------------------------------------------------- exploding
 
 def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | None,
               facts: ModelFacts, cfg: DetectorConfig, state: dict, policy_name: str,
               clip_enabled_now: bool) -> Candidate | None:
-    """A spike or growth an order of magnitude above the run's own level, or updates that dwarf the
-    weights they change."""
+    """Growth that feeds on itself, judged from the tracker's confirmed explosions (a spike held
+    over consecutive steps, an enormous one, or one that overflowed), or an update that rewrote the
+    weights. A lone spike whose neighbours are back at the level is the heavy tail of per-batch
+    gradients: ``clip='auto'`` clips that step, but it is not a finding."""
     reasons, evidence, severity, step = [], {}, "warning", None
     if window.spikes > 0:
+        evidence.update(spikes=window.spikes, max_jump_factor=math.exp(window.max_jump),
+                        running_level=window.tracker_level, global_norm_max=window.global_norm_max,
+                        longest_elevated_run=window.max_spike_run)
+    if window.explosions > 0:
         factor = math.exp(window.max_jump)
-        reasons.append(f"the global gradient norm jumped {factor:.3g}x above its running level "
-                       f"({window.spikes} spike step{'s' if window.spikes > 1 else ''})")
-        evidence.update(spikes=window.spikes, max_jump_factor=factor, running_level=window.tracker_level,
-                        global_norm_max=window.global_norm_max)
-        step = window.first_spike_step
+        how = (f"stayed far above it for {window.max_spike_run} consecutive steps" if window.max_spike_run >= 2
+               else "then overflowed to NaN/Inf" if window.nonfinite_steps > 0 else "in a single step")
+        reasons.append(f"the global gradient norm jumped {factor:.3g}x above its running level and {how}")
+        step = window.first_explosion_step
         if factor >= 1e3 or window.nonfinite_steps > 0:
             severity = "critical"
     update_ratio = None
@@ -168,9 +221,11 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         if w.sum() > 0:
             update_ratio = float(math.sqrt((u ** 2).sum()) / math.sqrt((w ** 2).sum()))
             evidence["update_to_weight_ratio"] = update_ratio
-            if update_ratio > cfg.update_ratio:
-                reasons.append(f"the optimizer's update was {update_ratio:.3g}x the size of the weights it changed")
-                severity = "critical"
+            evidence["update_measured_at_step"] = window.last_step
+            if update_ratio > cfg.update_ratio_warning:
+                reasons.append(f"one optimizer step changed the weights by {update_ratio:.3g}x their norm")
+                if update_ratio > cfg.update_ratio:
+                    severity = "critical"
                 step = window.last_step if step is None else step
     if not reasons:
         return None
@@ -178,7 +233,7 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         swing = window.layer_norm_max / window.layer_norm_min  # how far each layer's norm moved
     grew = np.flatnonzero(np.nan_to_num(swing, nan=0.0, posinf=np.inf) >= 10.0)
     names = _names(layers, grew) if len(grew) else tuple(l.name for l in layers)
-    lr_hint = update_ratio is not None and update_ratio > cfg.update_ratio
+    lr_hint = update_ratio is not None and update_ratio > cfg.update_ratio_warning
     remedies = [REMEDIES["clipping"], REMEDIES["lower_lr"], REMEDIES["init_smaller"], REMEDIES["normalization"]]
     if lr_hint:
         remedies.insert(0, remedies.pop(1))

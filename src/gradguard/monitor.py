@@ -62,7 +62,7 @@ class Monitor:
         self.logging_rank = logging_rank
         self._findings: dict[str, Finding] = {}
         self._det_state: dict[str, dict] = {k: {} for k in ("vanishing", "nonfinite", "dead", "saturated")}
-        self.totals = {"steps": 0, "skipped": 0, "nonfinite": 0, "clipped": 0, "spikes": 0}
+        self.totals = {"steps": 0, "skipped": 0, "nonfinite": 0, "clipped": 0, "spikes": 0, "explosions": 0}
         self.clip_enabled_step: int | None = None
         self.history: collections.deque = collections.deque(maxlen=history_size)
 
@@ -83,17 +83,19 @@ class Monitor:
         t["skipped"] += window.nonfinite_steps if self.skip_nonfinite else 0
         t["clipped"] += window.clipped_steps
         t["spikes"] += window.spikes
+        t["explosions"] += window.explosions
         enabled = window.policy_state.get("enabled", 0.0) > 0
         newly_enabled = enabled and self.clip_enabled_step is None
         if newly_enabled:
-            self.clip_enabled_step = window.first_spike_step if window.first_spike_step is not None else window.last_step
+            self.clip_enabled_step = (window.first_explosion_step if window.first_explosion_step is not None
+                                      else window.last_step)
 
         cfg, L = self.config, self.layers
         candidates = [
             det.vanishing(L, window, snapshot, self.facts, cfg, self._det_state["vanishing"]),
             det.exploding(L, window, snapshot, self.facts, cfg, {}, self.policy_name, enabled),
             det.nonfinite(L, window, self.facts, self.skip_nonfinite,
-                          window.spikes > 0 or "exploding" in self._findings, self._det_state["nonfinite"]),
+                          window.explosions > 0 or "exploding" in self._findings, self._det_state["nonfinite"]),
             det.dead(L, window, snapshot, self.facts, cfg, self._det_state["dead"]),
             det.saturated(window, snapshot, cfg, self._det_state["saturated"]),
         ]

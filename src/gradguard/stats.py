@@ -29,14 +29,23 @@ INF = float("inf")
 class TrackerConfig:
     """The spike tracker: a step is a spike when its global norm is at least ``spike_factor`` times
     the run's running level *and* (after ``warmup_steps``) ``spike_z`` spreads above it, both in
-    log space, so the test is scale-free and adapts to how noisy this run's gradients are."""
+    log space, so the test is scale-free and adapts to how noisy this run's gradients are.
+
+    A spike is not yet an explosion: late in training, or with tiny batches, one hard batch can lift
+    the norm 10-40x for a single step (the heavy tail of the per-example errors) and the next step is
+    back at the level. An *explosion* is confirmed when a spike is part of an excursion of at least
+    ``explosion_steps`` consecutive elevated steps (unusual for the run's noise and at least
+    sqrt(spike_factor) above the level), when a NaN/Inf follows a spike within two steps, or when one
+    step is ``isolated_factor`` above the level (no healthy run measured came within 20x of that)."""
 
     alpha: float = 0.9  # ~10-step memory: slow healthy growth is followed, a jump within a few steps is not
     spike_factor: float = 10.0
     spike_z: float = 3.0
     warmup_steps: int = 10
-    min_steps: int = 2  # steps seen before anything can be a spike
+    min_steps: int = 1  # steps seen before anything can be a spike: the second step already may be
     sigma_floor: float = 0.1  # log-space spread never assumed below ~10%
+    explosion_steps: int = 2
+    isolated_factor: float = 1e3
 
     def __post_init__(self):
         if not 0.0 < self.alpha < 1.0:
@@ -48,10 +57,10 @@ class TrackerConfig:
 # The window accumulators, packed so one step costs few device ops. Per-layer arrays have one more
 # column than there are layers: the last column is the global norm, accumulated by the same ops.
 SUM_NORM, OK_STEPS, NONFINITE, ZERO = range(4)  # rows of acc_sum: summed norm, and step counts
-CLIPPED, SPIKES = range(2)  # acc_count
-FIRST_NONFINITE, FIRST_SPIKE = range(2)  # acc_first: index in the window, -1 for none
+CLIPPED, SPIKES, EXPLOSIONS = range(3)  # acc_count
+FIRST_NONFINITE, FIRST_SPIKE, FIRST_EXPLOSION = range(3)  # acc_first: index in the window, -1 for none
 _WINDOW_KEYS = ("acc_sum", "acc_max", "acc_min", "acc_last", "acc_steps", "acc_count", "acc_first",
-                "acc_max_jump", "acc_scale_min")
+                "acc_max_jump", "acc_scale_min", "acc_max_run")
 
 
 def reset_window(n_layers: int) -> dict[str, np.ndarray]:
@@ -63,10 +72,11 @@ def reset_window(n_layers: int) -> dict[str, np.ndarray]:
         "acc_min": np.full(width, INF, np.float32),
         "acc_last": np.zeros(width, np.float32),
         "acc_steps": np.float32(0),
-        "acc_count": np.zeros(2, np.float32),
-        "acc_first": np.full(2, -1.0, np.float32),
+        "acc_count": np.zeros(3, np.float32),
+        "acc_first": np.full(3, -1.0, np.float32),
         "acc_max_jump": np.float32(0),
         "acc_scale_min": np.float32(1),
+        "acc_max_run": np.float32(0),
     }
 
 
@@ -80,6 +90,7 @@ def init_state(n_layers: int, policy: ClipPolicy) -> dict[str, np.ndarray]:
         raise ValueError(f"n_layers must be >= 1, got {n_layers!r}")
     state = reset_window(n_layers)
     state.update({"trk_count": np.float32(0), "trk_mean": np.float32(0), "trk_var": np.float32(0),
+                  "trk_run": np.float32(0), "trk_run_spike": np.float32(0), "trk_since_spike": np.float32(1e9),
                   "threshold": np.float32(INF)})
     for k, v in policy.init().items():
         state["clip_" + k] = np.asarray(v, np.float32)
@@ -118,6 +129,17 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     jump = (x - mean) * xp.asfloat(count >= tracker.min_steps) * usable
     unusual = xp.asfloat((count < tracker.warmup_steps) | (jump >= tracker.spike_z * sigma))
     spike = xp.asfloat(jump >= math.log(tracker.spike_factor)) * unusual
+    # Explosion: a spike inside a run of consecutive elevated steps, a single enormous step, or a
+    # NaN/Inf right after a spike (that step is skipped; the latch protects the next ones).
+    elevated = xp.asfloat(jump >= 0.5 * math.log(tracker.spike_factor)) * unusual
+    run = (s["trk_run"] + 1.0) * elevated
+    run_spike = xp.maximum(s["trk_run_spike"] * elevated, spike)
+    overflow = (1.0 - finite) * xp.asfloat(s["trk_since_spike"] < 2.0)
+    explosion = xp.maximum(xp.maximum(xp.asfloat(run * run_spike >= tracker.explosion_steps), overflow),
+                           spike * xp.asfloat(jump >= math.log(tracker.isolated_factor)))
+    s["trk_run"], s["trk_run_spike"] = run, run_spike
+    s["trk_since_spike"] = xp.minimum((s["trk_since_spike"] + 1.0) * (1.0 - spike), 1e9)
+    s["acc_max_run"] = xp.maximum(s["acc_max_run"], run * run_spike)
     # Winsorised EMA: a step beyond spike_z spreads is ingested at that edge and leaves the spread
     # alone, so neither a spike nor a running explosion drags the level up after itself.
     edge = mean + tracker.spike_z * sigma
@@ -132,17 +154,19 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
 
     # Clipping policy; its state only moves on finite steps.
     pol_state = {k[5:]: v for k, v in s.items() if k.startswith("clip_")}
-    threshold, new_pol = policy.update(pol_state, gnorm, Signals(spike, mean, sigma), xp)
+    threshold, new_pol = policy.update(pol_state, gnorm, Signals(spike, explosion, mean, sigma), xp)
     for k, v in new_pol.items():
         s["clip_" + k] = xp.where(finite > 0, v, pol_state[k])
     clip = finite * xp.asfloat(gnorm > threshold)
     scale = xp.where(clip > 0, threshold / (gnorm + 1e-6), 1.0)
     s["threshold"] = xp.where(finite > 0, threshold, s["threshold"])
+    if "clip_enabled" in s:  # the auto latch also closes on an overflow right after a spike (a skipped step)
+        s["clip_enabled"] = xp.maximum(s["clip_enabled"], overflow)
 
     index = s["acc_steps"]
-    events = xp.stack([1.0 - finite, spike])
+    events = xp.stack([1.0 - finite, spike, explosion])
     s["acc_first"] = xp.where((events > 0) & (s["acc_first"] < 0), index, s["acc_first"])
-    s["acc_count"] = s["acc_count"] + xp.stack([clip, spike])
+    s["acc_count"] = s["acc_count"] + xp.stack([clip, spike, explosion])
     s["acc_max_jump"] = xp.maximum(s["acc_max_jump"], jump)
     s["acc_scale_min"] = xp.minimum(s["acc_scale_min"], scale)
     s["acc_steps"] = index + 1.0
@@ -177,6 +201,9 @@ class WindowStats:
     min_scale: float
     spikes: int
     first_spike_step: int | None
+    explosions: int  # steps that confirmed an explosion (see TrackerConfig)
+    first_explosion_step: int | None
+    max_spike_run: int  # longest run of consecutive elevated steps holding a spike
     max_jump: float  # largest log-norm jump above the tracker level (natural log)
     tracker_level: float  # exp of the tracker's log level
     threshold: float  # the clip threshold in force (inf when not clipping)
@@ -219,6 +246,9 @@ class WindowStats:
             min_scale=float(st["acc_scale_min"]),
             spikes=int(round(float(st["acc_count"][SPIKES]))),
             first_spike_step=step_of(FIRST_SPIKE),
+            explosions=int(round(float(st["acc_count"][EXPLOSIONS]))),
+            first_explosion_step=step_of(FIRST_EXPLOSION),
+            max_spike_run=int(round(float(st["acc_max_run"]))),
             max_jump=float(st["acc_max_jump"]),
             tracker_level=math.exp(float(st["trk_mean"])) if float(st["trk_count"]) > 0 else math.nan,
             threshold=float(st["threshold"]),
@@ -242,4 +272,5 @@ class Snapshot:
     update_norm: np.ndarray | None = None  # norm of what the optimizer applied this step
     dead_units: Sequence[np.ndarray | None] | None = None  # per layer: bool per unit, zero gradient
     saturation: Mapping[str, float] | None = None  # activation-module name -> saturated fraction
+    temporal: Mapping[str, np.ndarray] | None = None  # recurrent module -> gradient RMS per time step
     histograms: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None  # layer -> (counts, edges)

@@ -466,5 +466,6 @@ def test_hidden_tanh_with_large_init_saturates():
     guard = GradGuard(model, log_every_n_steps=25)
     train(model, guard, steps=100, opt="sgd", lr=0.01)
     s = kinds(guard)["saturated"]
-    assert s.layers[0] == "1" and s.evidence["saturated_fraction"]["1"] > 0.5  # the first nn.Tanh
+    assert set(s.layers) <= {"1", "3"}  # the hidden nn.Tanh modules, named as in named_modules()
+    assert all(s.evidence["saturated_fraction"][n] > 0.5 for n in s.layers)
     assert any("ReLU" in r for r in s.remedies)

@@ -80,11 +80,11 @@ def run_backend(args) -> dict:
 
         def on_epoch_begin(self, epoch, logs=None):
             self._sync()
-            self._t = time.perf_counter()
+            self._t = (time.perf_counter(), time.process_time())
 
         def on_epoch_end(self, epoch, logs=None):
             self._sync()
-            self.times.append(time.perf_counter() - self._t)
+            self.times.append((time.perf_counter() - self._t[0], time.process_time() - self._t[1]))
 
         def _sync(self):
             # JAX dispatches asynchronously: wait for the epoch's work before reading the clock.
@@ -104,7 +104,7 @@ def run_backend(args) -> dict:
         return []
 
     models = {c: build() for c in CONFIGS}
-    steady = {c: [] for c in CONFIGS}
+    steady = {c: [] for c in CONFIGS}  # (wall, cpu) seconds per step
     first = {c: [] for c in CONFIGS}
     # Warm-up: the first fit of each model compiles its step.
     for c in CONFIGS:
@@ -114,15 +114,16 @@ def run_backend(args) -> dict:
             timer = EpochTimer()
             models[c].fit(x, y, batch_size=args.batch, epochs=args.epochs, verbose=0, shuffle=False,
                           callbacks=callbacks(c) + [timer])
-            first[c].append(timer.times[0] / args.steps)
-            steady[c].extend(t / args.steps for t in timer.times[1:])
+            first[c].append(timer.times[0][0] / args.steps)
+            steady[c].extend((w / args.steps, p / args.steps) for w, p in timer.times[1:])
     params = int(sum(np.prod(v.shape) for v in models["plain"].trainable_variables))
     return {
         "backend": keras.backend.backend(),
         "params": params,
-        "steady_ms": {c: 1e3 * statistics.median(v) for c, v in steady.items()},
-        "steady_spread_ms": {c: 1e3 * (statistics.quantiles(v, n=4)[2] - statistics.quantiles(v, n=4)[0])
-                             for c, v in steady.items()},
+        "wall_median_ms": {c: 1e3 * statistics.median(w for w, _ in v) for c, v in steady.items()},
+        "wall_min_ms": {c: 1e3 * min(w for w, _ in v) for c, v in steady.items()},
+        "cpu_median_ms": {c: 1e3 * statistics.median(p for _, p in v) for c, v in steady.items()},
+        "cpu_min_ms": {c: 1e3 * min(p for _, p in v) for c, v in steady.items()},
         "first_epoch_ms": {c: 1e3 * statistics.median(v) for c, v in first.items()},
         "samples": {c: len(v) for c, v in steady.items()},
     }
@@ -139,6 +140,7 @@ def main():
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="framework threads (0: its default)")
+    parser.add_argument("--json", default="", help="also write the raw results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -162,21 +164,22 @@ def main():
     print(f"\nthreads per framework: {args.threads or 'default'}")
     print(f"MLP {args.features}-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch}, Adam; "
           f"{args.reps} interleaved repetitions x {args.epochs - 1} steady epochs x {args.steps} steps\n")
-    header = f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>14}" for c in CONFIGS)
-    print("steady state, median ms per step (ratio to plain)")
-    print(header)
-    for r in results:
-        base = r["steady_ms"]["plain"]
-        cells = [f"{r['steady_ms'][c]:7.2f} ({r['steady_ms'][c] / base:4.2f}x)" for c in CONFIGS]
-        print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{c:>14}" for c in cells))
-    print("\nfirst epoch of each fit (holds the hook's trace/compile), median ms per step")
-    print(header)
-    for r in results:
-        cells = [f"{r['first_epoch_ms'][c]:7.2f}" for c in CONFIGS]
-        print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{c:>14}" for c in cells))
-    print("\ninterquartile range of the steady per-epoch step times, ms")
-    for r in results:
-        print(f"{r['backend']:<11} " + " ".join(f"{c}={r['steady_spread_ms'][c]:.2f}" for c in CONFIGS))
+    header = f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>15}" for c in CONFIGS)
+    for key, title in [("wall_min_ms", "steady state, wall clock, fastest epoch: ms per step (ratio to plain)"),
+                       ("wall_median_ms", "steady state, wall clock, median epoch: ms per step (ratio to plain)"),
+                       ("cpu_min_ms", "steady state, process CPU time, fastest epoch: ms per step (ratio to plain)"),
+                       ("cpu_median_ms", "steady state, process CPU time, median epoch: ms per step (ratio to plain)"),
+                       ("first_epoch_ms", "first epoch of each fit (holds the hook's trace/compile), wall clock, median")]:
+        print(title)
+        print(header)
+        for r in results:
+            base = r[key]["plain"]
+            cells = [f"{r[key][c]:7.2f} ({r[key][c] / base:5.3f})" for c in CONFIGS]
+            print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{c:>15}" for c in cells))
+        print()
+    print("load average during the run: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    with open(args.json, "w") if args.json else open(os.devnull, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -247,8 +247,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         try:
             if hook.state_var is not None:
                 self._observe()
-                state, step, _ = hook.read()
-                self._device = (state, step)
+                self._device = self._left_on_device
         finally:
             self.trace_count += hook.traces
             hook.uninstall()
@@ -266,6 +265,7 @@ class GradGuardCallback(keras.callbacks.Callback):
             return None
         _ = self.model  # on JAX this syncs the jitted step's state into the Variables
         state, step, extras = hook.read()
+        self._left_on_device = (state, step)
         if float(state["acc_steps"]) == 0:
             return None
         window = stats.WindowStats.from_state(state, last_step=step - 1)
@@ -277,6 +277,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         if decision.enable_clipping and "clip_enabled" in fresh:
             fresh["clip_enabled"] = np.float32(1.0)  # an explosion the device-side tracker did not catch
         hook.write_state(fresh)
+        self._left_on_device = (fresh, step)
         return self._last.record
 
     def _snapshot(self, hook: ApplyHook, extras_vec, window) -> stats.Snapshot | None:

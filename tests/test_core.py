@@ -150,6 +150,7 @@ def window_from_rms(rms, steps=50, last_step=49):
     ([170.0, 50.0, 10.0, 3.0, 1.0, 1.0], None),  # healthy BN conv net: early layers *larger*
     ([0.1, 0.3, 0.5, 1.0, 2.0, 1.0], None),  # a factor of 2 to 20 is not a finding
     ([2e-3, 1e-2, 0.1, 0.5, 1.0, 1.0], None),  # under three orders of magnitude: not a finding
+    ([1e-7, 1e-7, 1e-8, 1e-7, 1e-7, 1e-3], None),  # a converged classifier's head alone dwarfs the rest
 ])
 def test_vanishing_is_orders_of_magnitude(profile, expected):
     mon = gradguard.Monitor(make_layers(len(profile)))

@@ -29,6 +29,7 @@ from gradguard.stats import Snapshot, WindowStats
 class DetectorConfig:
     vanishing_ratio: float = 1e-4  # early-layer RMS / later-layer RMS below this: vanishing
     vanishing_critical_ratio: float = 1e-8
+    vanishing_median_ratio: float = 1e-2  # ...and this far below the later half's median layer
     min_steps: int = 10  # a condition must hold over this many optimizer steps to be a finding
     dead_fraction: float = 0.5  # at least this share of a layer's units dead
     dead_snapshots: int = 3  # consecutive log steps on which a unit's gradient was exactly zero
@@ -99,7 +100,10 @@ def vanishing(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         ratio = rms[valid] / ref
         earlier = valid[: max(1, len(valid) // 2)]
         collapsed = [i for i, r in zip(valid, ratio) if i in set(earlier) and r < cfg.vanishing_ratio]
-        holds = bool(collapsed) and collapsed[0] == valid[0]
+        # The gradient must shrink going back through the network, not merely sit far below one
+        # large head (a converged classifier's last layer can dwarf every other layer).
+        below_median = rms[valid[0]] < cfg.vanishing_median_ratio * float(np.median(rms[later]))
+        holds = bool(collapsed) and collapsed[0] == valid[0] and below_median
         if holds and snapshot is not None and snapshot.dead_units is not None:
             # Starved through dead ReLUs (in the collapse or right after it): the dead detector's finding.
             after = [i for i in valid if i > collapsed[-1]][:1]

@@ -29,7 +29,9 @@ INF = float("inf")
 class TrackerConfig:
     """The spike tracker: a step is a spike when its global norm is at least ``spike_factor`` times
     the run's running level *and* (after ``warmup_steps``) ``spike_z`` spreads above it, both in
-    log space, so the test is scale-free and adapts to how noisy this run's gradients are.
+    log space, so the test is scale-free and adapts to how noisy this run's gradients are, and at
+    least ``step_factor`` above the step before it: a net escaping a plateau can raise its gradient
+    50x over 20 steps at ~1.2x a step while its loss falls, which is learning, not a jump.
 
     A spike is not yet an explosion: late in training, or with tiny batches, one hard batch can lift
     the norm 10-40x for a single step (the heavy tail of the per-example errors) and the next step is
@@ -46,6 +48,7 @@ class TrackerConfig:
     sigma_floor: float = 0.1  # log-space spread never assumed below ~10%
     explosion_steps: int = 2
     isolated_factor: float = 1e3
+    step_factor: float = 2.0  # a spike also rises this much over the step before it
 
     def __post_init__(self):
         if not 0.0 < self.alpha < 1.0:
@@ -90,7 +93,8 @@ def init_state(n_layers: int, policy: ClipPolicy) -> dict[str, np.ndarray]:
         raise ValueError(f"n_layers must be >= 1, got {n_layers!r}")
     state = reset_window(n_layers)
     state.update({"trk_count": np.float32(0), "trk_mean": np.float32(0), "trk_var": np.float32(0),
-                  "trk_run": np.float32(0), "trk_run_spike": np.float32(0), "trk_since_spike": np.float32(1e9),
+                  "trk_prev": np.float32(0), "trk_run": np.float32(0), "trk_run_spike": np.float32(0),
+                  "trk_since_spike": np.float32(1e9),
                   "threshold": np.float32(INF)})
     for k, v in policy.init().items():
         state["clip_" + k] = np.asarray(v, np.float32)
@@ -128,7 +132,8 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     sigma = xp.maximum(xp.sqrt(var), tracker.sigma_floor)
     jump = (x - mean) * xp.asfloat(count >= tracker.min_steps) * usable
     unusual = xp.asfloat((count < tracker.warmup_steps) | (jump >= tracker.spike_z * sigma))
-    spike = xp.asfloat(jump >= math.log(tracker.spike_factor)) * unusual
+    rise = xp.asfloat(x - s["trk_prev"] >= math.log(tracker.step_factor))
+    spike = xp.asfloat(jump >= math.log(tracker.spike_factor)) * unusual * rise
     # Explosion: a spike inside a run of consecutive elevated steps, a single enormous step, or a
     # NaN/Inf right after a spike (that step is skipped; the latch protects the next ones).
     elevated = xp.asfloat(jump >= 0.5 * math.log(tracker.spike_factor)) * unusual
@@ -151,6 +156,7 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     s["trk_mean"] = mean + usable * (new_mean - mean)
     s["trk_var"] = var + usable * (1.0 - capped) * (new_var - var)
     s["trk_count"] = count + usable
+    s["trk_prev"] = s["trk_prev"] + usable * (x - s["trk_prev"])
 
     # Clipping policy; its state only moves on finite steps.
     pol_state = {k[5:]: v for k, v in s.items() if k.startswith("clip_")}

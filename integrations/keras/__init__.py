@@ -63,7 +63,8 @@ class GradGuardCallback(keras.callbacks.Callback):
 
     Args:
         clip: ``"auto"`` (default: off until a spike or explosion, then adaptive), ``"zscore"``
-            (ZClip), a float (fixed max global norm), ``None`` (monitor only), or a
+            (ZClip), ``"percentile"`` (AutoClip), ``"agc"`` (unit-wise, NFNets; a unit is a kernel's
+            last axis), a float (fixed max global norm), ``None`` (monitor only), or a
             ``gradguard.ClipPolicy``. If the optimizer has its own ``clipnorm``,
             ``global_clipnorm`` or ``clipvalue``, that clipping stays in charge and gradguard
             does not clip on top of it (it measures the gradients before it; a
@@ -187,6 +188,7 @@ class GradGuardCallback(keras.callbacks.Callback):
             self.active_policy, apply_clip = self._policy_for(target)
         hist_layers = [int(i) for i in self.monitor.logged] if self.histograms else []
         hook.configure(layers=self.layers, layer_of_var=layout.layer_of_var, unit_kernel=layout.unit_kernel,
+                       unit_bias=layout.unit_bias,
                        policy=self.active_policy, tracker=self.tracker, skip_nonfinite=self.skip_nonfinite,
                        apply_clip=apply_clip, snapshot_every=self._every, hist_layers=hist_layers,
                        measure_updates=self.measure_updates)
@@ -203,8 +205,8 @@ class GradGuardCallback(keras.callbacks.Callback):
         optimizer's own clipping, if set, stays in charge."""
         own = [(name, getattr(optimizer, name, None)) for name in _KERAS_CLIP_ARGS]
         own = [(name, value) for name, value in own if value]
-        if not own:
-            return self.policy, self.policy.name != "none"
+        if not own:  # a unit-wise rule (AGC) scales units itself, the global factor stays 1
+            return self.policy, self.policy.name != "none" and self.policy.unitwise is None
         name, value = own[0]
         if self.clip is not None and self.clip != "auto":
             warnings.warn(f"gradguard: the optimizer clips gradients itself ({name}={value!r}); "
@@ -288,12 +290,17 @@ class GradGuardCallback(keras.callbacks.Callback):
         has = window.layer_steps + window.layer_nonfinite > 0
         nan = np.full(len(self.layers), np.nan)
         norm = np.where(has, np.sqrt(ex["norm_sq"]), nan)
-        weight_norm = np.sqrt(ex["weight_sq"])
-        update = np.sqrt(ex["update_sq"]) if self.measure_updates and ex["finite"] else None
+        weight_norm = np.sqrt(ex["weight_sq"]) if np.isfinite(ex["weight_sq"]).all() else None
+        update = (np.sqrt(ex["update_sq"]) if self.measure_updates and ex["finite"]
+                  and np.isfinite(ex["update_sq"]).all() else None)
         hist = {self.layers[i].name: h for i, h in ex["hist"].items()} or None
-        return stats.Snapshot(norm=norm, rms=norm / np.sqrt(numel), max_abs=np.where(has, ex["max_abs"], nan),
-                              zero_frac=np.where(has, ex["zeros"] / numel, nan), weight_norm=weight_norm,
-                              weight_rms=weight_norm / np.sqrt(numel), update_norm=update,
+        measured = np.isfinite(ex["max_abs"]).any()  # not measured on JAX (see _graph.ApplyHook._jax_step)
+        return stats.Snapshot(norm=norm, rms=norm / np.sqrt(numel),
+                              max_abs=np.where(has, ex["max_abs"], nan) if measured else None,
+                              zero_frac=np.where(has, ex["zeros"] / numel, nan) if measured else None,
+                              weight_norm=weight_norm,
+                              weight_rms=None if weight_norm is None else weight_norm / np.sqrt(numel),
+                              update_norm=update,
                               dead_units=ex["dead"], histograms=hist)
 
     def _logs_scalars(self, record: LogRecord) -> dict[str, float]:

@@ -47,8 +47,12 @@ def work(rank, port, out):
             x[0, 0] = float("nan")
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), ys[step, rank]).backward()
-        stepped.append(guard.step(opt))
+        ok = guard.engine.before_step()  # what guard.step(opt) does, with the step's global norm read between
         norms.append(float(guard.engine.state["acc_last"][-1]))
+        if ok:
+            opt.step()
+        guard.engine.after_step(ok)
+        stepped.append(ok)
     local = torch.cat([p.to_local().detach().reshape(-1) for p in model.parameters()])
     finite = bool(torch.isfinite(local).all())
     result = {"rank": rank, "stepped": stepped, "norms": norms, "finite": finite,

@@ -309,7 +309,7 @@ def test_jsonl_sink_and_report(tmp_path):
     guard.close()
     lines = [json.loads(l) for l in (tmp_path / "run" / "gradguard.jsonl").read_text().splitlines()]
     steps = [l for l in lines if l["type"] == "step"]
-    assert [s["step"] for s in steps] == [0, 24, 49, 74, 99]  # the first step always logs
+    assert [s["step"] for s in steps] == [24, 49, 74, 99]
     keys = steps[-1]["scalars"]
     for key in ("grad/norm/global", "grad/norm/0", "grad/rms/0", "grad/max_abs/0", "grad/zero_frac/0",
                 "grad/grad_to_weight/0", "grad/update_to_weight/0", "grad/depth_ratio",

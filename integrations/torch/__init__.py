@@ -249,8 +249,8 @@ class TorchEngine:
         return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
 
     def _is_log_step(self, step: int) -> bool:
-        # The first step logs too: the initial depth profile, and the first update (a learning rate
-        # or an init wrong from the start shows there, before the run has a level to spike from).
+        # The first step is measured and judged too (not logged): its update shows a learning rate
+        # or an init that is wrong from the start, before the run has a level to spike from.
         return step == 0 or (step + 1) % self.log_every_n_steps == 0
 
     def _measuring_forward(self, module: nn.Module) -> bool:
@@ -404,7 +404,7 @@ class TorchEngine:
         if snap is not None and self._temporal:
             snap.temporal = {k: v.cpu().double().numpy() for k, v in self._temporal.items()}
         self._saturation, self._temporal = {}, {}
-        decision = self.monitor.observe(window, snap)
+        decision = self.monitor.observe(window, snap, report=window.last_step != 0)
         if decision.enable_clipping and "clip_enabled" in self.state:
             self.state["clip_enabled"] = torch.ones((), device=self.device)
         return decision

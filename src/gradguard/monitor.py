@@ -74,7 +74,10 @@ class Monitor:
 
     # ------------------------------------------------------------------ one log step
 
-    def observe(self, window: WindowStats, snapshot: Snapshot | None = None) -> Decision:
+    def observe(self, window: WindowStats, snapshot: Snapshot | None = None, report: bool = True) -> Decision:
+        """Run the detectors on one window; with ``report`` also log its record to the sinks (the
+        first optimizer step is judged but not logged, so it never claims a row of the user's own
+        step counter in W&B or the Trainer's loggers). New findings always reach the sinks."""
         if window.steps == 0:
             return Decision()
         t = self.totals
@@ -107,7 +110,8 @@ class Monitor:
             finding, is_new = self._merge(c)
             if is_new:
                 new.append(finding)
-            self.sinks.finding(finding, is_new)
+            if self.logging_rank:
+                self.sinks.finding(finding, is_new)
         if self.policy_name == "auto" and not enabled and "exploding" in {c.kind for c in candidates if c}:
             decision.enable_clipping = True  # an explosion the device-side tracker did not catch
             self.clip_enabled_step = window.last_step
@@ -115,9 +119,11 @@ class Monitor:
         for f in new:
             self._emit(f)
 
-        record = self._record(window, snapshot)
-        self.history.append((record.step, record.layer_norm_mean.astype(np.float32)))
-        self.sinks.log(record)
+        if report:
+            record = self._record(window, snapshot)
+            self.history.append((record.step, record.layer_norm_mean.astype(np.float32)))
+            if self.logging_rank:  # every rank decides the same; only one reports
+                self.sinks.log(record)
         return decision
 
     def _merge(self, c: det.Candidate) -> tuple[Finding, bool]:

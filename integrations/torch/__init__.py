@@ -380,7 +380,8 @@ class TorchEngine:
         if snap is not None and self.measure_updates and stepped and getattr(self, "_before", None) is not None:
             snap.update_norm = self._applied_update()
         self._before = None
-        return self._observe(snap)
+        # the first step is judged even when it is not a log step; only log steps are reported
+        return self._observe(snap, report=self.step_count % self.log_every_n_steps == 0)
 
     def flush(self) -> Decision | None:
         """Evaluate the steps since the last log step now (used at the end of training)."""
@@ -388,7 +389,7 @@ class TorchEngine:
             return None
         return self._observe(None)
 
-    def _observe(self, snap: stats.Snapshot | None) -> Decision:
+    def _observe(self, snap: stats.Snapshot | None, report: bool = True) -> Decision:
         keys = list(self.state)
         flat = torch.cat([self.state[k].reshape(-1) for k in keys]).cpu().numpy()  # one copy to the host
         host, offset = {}, 0
@@ -404,7 +405,7 @@ class TorchEngine:
         if snap is not None and self._temporal:
             snap.temporal = {k: v.cpu().double().numpy() for k, v in self._temporal.items()}
         self._saturation, self._temporal = {}, {}
-        decision = self.monitor.observe(window, snap, report=window.last_step != 0)
+        decision = self.monitor.observe(window, snap, report=report)
         if decision.enable_clipping and "clip_enabled" in self.state:
             self.state["clip_enabled"] = torch.ones((), device=self.device)
         return decision

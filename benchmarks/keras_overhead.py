@@ -7,10 +7,15 @@ Each backend runs in its own process (Keras fixes the backend at import). Inside
 configurations are measured side by side, interleaved: for each repetition, one ``fit`` of
 every configuration in turn, on its own copy of the same model. A ``fit`` runs ``--epochs``
 epochs of ``--steps`` steps; its first epoch (which holds the hook's one trace/compile per
-``fit``) is reported apart, the steady state is the median step time over the later epochs.
+``fit``) is reported apart. Steady state: per-step time of the later epochs, as the fastest
+epoch, the median epoch, and the median of paired ratios (each epoch against the same epoch of
+the same repetition of ``plain``, run seconds apart, which cancels slow drifts of the load of a
+shared machine). Wall clock and process CPU time are both reported.
 
 Configurations:
   plain            model.fit, no callback
+  keras_clipnorm   model.fit with Adam(global_clipnorm=1e6): Keras' own global-norm pass and scale
+                   (never clips here), the reference for "one read of the gradients"
   noop_batch_cb    a callback with an empty on_train_batch_end (on JAX this alone turns Keras'
                    asynchronous callback dispatch off, which GradGuardCallback also does)
   gradguard        GradGuardCallback() at its defaults (clip="auto", log every 50 steps,
@@ -30,7 +35,7 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ("plain", "noop_batch_cb", "gradguard", "monitor_only")
+CONFIGS = ("plain", "keras_clipnorm", "noop_batch_cb", "gradguard", "monitor_only")
 
 
 def limit_threads(backend: str, threads: int) -> None:
@@ -64,13 +69,14 @@ def run_backend(args) -> dict:
     x = rng.normal(size=(n, args.features)).astype("float32")
     y = rng.integers(0, 10, size=(n,)).astype("int32")
 
-    def build():
+    def build(clipnorm=None):
         keras.utils.set_random_seed(0)
         layers = [keras.Input((args.features,))]
         layers += [keras.layers.Dense(args.width, activation="relu") for _ in range(args.depth)]
         layers.append(keras.layers.Dense(10))
         model = keras.Sequential(layers)
-        model.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(keras.optimizers.Adam(1e-4, global_clipnorm=clipnorm),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
 
     class EpochTimer(keras.callbacks.Callback):
@@ -103,7 +109,7 @@ def run_backend(args) -> dict:
             return [GradGuardCallback(clip=None, skip_nonfinite=False)]
         return []
 
-    models = {c: build() for c in CONFIGS}
+    models = {c: build(1e6 if c == "keras_clipnorm" else None) for c in CONFIGS}
     steady = {c: [] for c in CONFIGS}  # (wall, cpu) seconds per step
     first = {c: [] for c in CONFIGS}
     # Warm-up: the first fit of each model compiles its step.
@@ -124,6 +130,8 @@ def run_backend(args) -> dict:
         "wall_min_ms": {c: 1e3 * min(w for w, _ in v) for c, v in steady.items()},
         "cpu_median_ms": {c: 1e3 * statistics.median(p for _, p in v) for c, v in steady.items()},
         "cpu_min_ms": {c: 1e3 * min(p for _, p in v) for c, v in steady.items()},
+        "paired_ratio": {c: statistics.median(a[0] / b[0] for a, b in zip(v, steady["plain"]))
+                         for c, v in steady.items()},
         "first_epoch_ms": {c: 1e3 * statistics.median(v) for c, v in first.items()},
         "samples": {c: len(v) for c, v in steady.items()},
     }
@@ -133,8 +141,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per fit; the first is reported apart")
-    parser.add_argument("--steps", type=int, default=100, help="steps per epoch")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per fit; the first is reported apart")
+    parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--features", type=int, default=256)
     parser.add_argument("--width", type=int, default=512)
@@ -177,6 +185,11 @@ def main():
             cells = [f"{r[key][c]:7.2f} ({r[key][c] / base:5.3f})" for c in CONFIGS]
             print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{c:>15}" for c in cells))
         print()
+    print("steady state, wall clock: median of paired per-epoch ratios to plain (same repetition, same epoch)")
+    print(f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>15}" for c in CONFIGS))
+    for r in results:
+        print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{r['paired_ratio'][c]:>15.3f}" for c in CONFIGS))
+    print()
     print("load average during the run: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     with open(args.json, "w") if args.json else open(os.devnull, "w") as f:
         json.dump(results, f, indent=1)

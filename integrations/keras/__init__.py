@@ -70,8 +70,8 @@ class GradGuardCallback(keras.callbacks.Callback):
             does not clip on top of it (it measures the gradients before it; a
             ``global_clipnorm`` is reported as ``gradguard/clip_threshold``).
         log_every_n_steps: how often statistics leave the device, detectors run and scalars are
-            logged (plus the end of every epoch). With ``steps_per_execution=k`` it is rounded
-            up to a multiple of k.
+            logged (plus the first step and the end of every epoch). With
+            ``steps_per_execution=k`` it is rounded up to a multiple of k.
         skip_nonfinite: skip a step whose gradients hold NaN/Inf, in-graph: the weights and the
             optimizer's slots and iteration counter are untouched.
         sinks: ``None``, a directory or ``.jsonl`` path, a ``gradguard.Sink`` (for example
@@ -229,8 +229,9 @@ class GradGuardCallback(keras.callbacks.Callback):
         self._epoch_base = self._host_steps
 
     def on_train_batch_end(self, batch, logs=None):
+        first = self._host_steps == 0  # the very first step logs too (as the torch adapter does)
         self._host_steps = self._epoch_base + int(batch) + 1
-        if self._host_steps < self._next_log:
+        if self._host_steps < self._next_log and not first:
             return
         self._next_log = (self._host_steps // self._every + 1) * self._every
         record = self._observe()

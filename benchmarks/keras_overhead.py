@@ -66,13 +66,20 @@ def run_backend(args) -> dict:
 
     rng = np.random.default_rng(0)
     n = args.batch * args.steps
-    x = rng.normal(size=(n, args.features)).astype("float32")
+    shape = (args.features,) if args.model == "mlp" else (32, 32, 3)
+    x = rng.normal(size=(n, *shape)).astype("float32")
     y = rng.integers(0, 10, size=(n,)).astype("int32")
 
     def build(clipnorm=None):
         keras.utils.set_random_seed(0)
-        layers = [keras.Input((args.features,))]
-        layers += [keras.layers.Dense(args.width, activation="relu") for _ in range(args.depth)]
+        layers = [keras.Input(shape)]
+        if args.model == "mlp":
+            layers += [keras.layers.Dense(args.width, activation="relu") for _ in range(args.depth)]
+        else:  # a small CNN: far more compute per parameter than the MLP
+            for filters in (32, 64, 64):
+                layers += [keras.layers.Conv2D(filters, 3, padding="same", activation="relu"),
+                           keras.layers.MaxPooling2D()]
+            layers += [keras.layers.Flatten(), keras.layers.Dense(128, activation="relu")]
         layers.append(keras.layers.Dense(10))
         model = keras.Sequential(layers)
         model.compile(keras.optimizers.Adam(1e-4, global_clipnorm=clipnorm),
@@ -144,6 +151,9 @@ def main():
     parser.add_argument("--epochs", type=int, default=4, help="epochs per fit; the first is reported apart")
     parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                        help="mlp: Dense stack (the worst case: least compute per gradient element); "
+                             "cnn: 3 conv layers on 32x32x3 inputs and a Dense head")
     parser.add_argument("--features", type=int, default=256)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=4)
@@ -170,7 +180,9 @@ def main():
         results.append(result)
 
     print(f"\nthreads per framework: {args.threads or 'default'}")
-    print(f"MLP {args.features}-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch}, Adam; "
+    what = (f"MLP {args.features}-{'-'.join([str(args.width)] * args.depth)}-10" if args.model == "mlp"
+            else "CNN conv32-conv64-conv64 (3x3, max-pool) on 32x32x3, dense 128, 10")
+    print(f"{what}, batch {args.batch}, Adam; "
           f"{args.reps} interleaved repetitions x {args.epochs - 1} steady epochs x {args.steps} steps\n")
     header = f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>15}" for c in CONFIGS)
     for key, title in [("wall_min_ms", "steady state, wall clock, fastest epoch: ms per step (ratio to plain)"),

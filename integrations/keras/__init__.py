@@ -70,7 +70,7 @@ class GradGuardCallback(keras.callbacks.Callback):
             does not clip on top of it (it measures the gradients before it; a
             ``global_clipnorm`` is reported as ``gradguard/clip_threshold``).
         log_every_n_steps: how often statistics leave the device, detectors run and scalars are
-            logged (plus the first step and the end of every epoch). With
+            logged (plus the end of every epoch; the first step is judged too, not logged). With
             ``steps_per_execution=k`` it is rounded up to a multiple of k.
         skip_nonfinite: skip a step whose gradients hold NaN/Inf, in-graph: the weights and the
             optimizer's slots and iteration counter are untouched.
@@ -229,12 +229,14 @@ class GradGuardCallback(keras.callbacks.Callback):
         self._epoch_base = self._host_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        first = self._host_steps == 0  # the very first step logs too (as the torch adapter does)
+        first = self._host_steps == 0
         self._host_steps = self._epoch_base + int(batch) + 1
         if self._host_steps < self._next_log and not first:
             return
         self._next_log = (self._host_steps // self._every + 1) * self._every
-        record = self._observe()
+        # The very first step is judged (its update shows a learning rate or an init wrong from the
+        # start) but, as in the torch adapter, reported only when it is a regular log step.
+        record = self._observe(report=self._host_steps % self._every == 0)
         if record is not None and logs is not None:
             logs.update(self._logs_scalars(record))
 
@@ -262,7 +264,7 @@ class GradGuardCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ log steps
 
-    def _observe(self) -> LogRecord | None:
+    def _observe(self, report: bool = True) -> LogRecord | None:
         hook = self._hook
         if hook is None or hook.state_var is None:
             return None
@@ -274,7 +276,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         window = stats.WindowStats.from_state(state, last_step=step - 1)
         snapshot = self._snapshot(hook, extras, window)
         self._last.record = None
-        decision = self.monitor.observe(window, snapshot)
+        decision = self.monitor.observe(window, snapshot, report=report)
         fresh = dict(state)
         fresh.update(stats.reset_window(len(self.layers)))
         if decision.enable_clipping and "clip_enabled" in fresh:

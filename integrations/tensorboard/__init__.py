@@ -1,0 +1,1 @@
+"""gradguard sink for TensorBoard (being built)."""

@@ -1,0 +1,1 @@
+"""gradguard for Hugging Face ``transformers.Trainer`` (being built)."""

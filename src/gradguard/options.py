@@ -122,6 +122,6 @@ class Options:
             for name in unknown:
                 close = difflib.get_close_matches(name, sorted(known | extra), n=1)
                 hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise TypeError(f"{owner} got unknown option(s) {', '.join(hints)}; "
+            raise TypeError(f"{owner} got unexpected keyword argument(s) {', '.join(hints)}; "
                             f"options are {', '.join(sorted(known | extra))}")
         return cls(**{k: v for k, v in kwargs.items() if k in known})

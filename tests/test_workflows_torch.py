@@ -416,3 +416,198 @@ def test_a_custom_policy_runs_end_to_end():
         assert after == pytest.approx(0.25, rel=1e-3)
     assert float(guard.engine.state["clip_seen"]) == 10 and guard.totals["clipped"] == 10
     assert guard.state_dict()["policy"] == "halving"
+
+
+# =============================================================================== Lightning, real Trainer
+
+@pytest.fixture
+def pl():
+    return pytest.importorskip("pytorch_lightning")
+
+
+def lightning_module(pl, net, poison=(), spike=None, opt="sgd", lr=0.1):
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net, self.norms, self.poison = net, [], set(poison)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            step = self.global_step
+            if step in self.poison:  # once: a second fit counts global_step from 0 again
+                self.poison.discard(step)
+                x = x * float("nan")
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            return loss * spike[1] if spike is not None and step == spike[0] else loss
+
+        def on_before_optimizer_step(self, optimizer):  # runs after the callback's hook
+            grads = [p.grad.norm() for p in self.parameters() if p.grad is not None]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None)
+
+        def configure_optimizers(self):
+            if opt == "lbfgs":
+                return torch.optim.LBFGS(self.parameters())
+            return (torch.optim.SGD if opt == "sgd" else torch.optim.Adam)(self.parameters(), lr=lr)
+
+    return Module()
+
+
+def data(n=256, batch=16):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(*digits(n)), batch_size=batch, shuffle=False)
+
+
+def fit(pl, tmp_path, module, callbacks, ckpt_path=None, **kwargs):
+    kwargs.setdefault("max_epochs", 1)
+    kwargs.setdefault("enable_checkpointing", False)
+    tr = pl.Trainer(callbacks=callbacks, logger=pl.loggers.CSVLogger(tmp_path, name="csv", version=0),
+                    default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                    accelerator="cpu", devices=1, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradguard.GradGuardWarning)
+        warnings.filterwarnings("ignore", ".*(num_workers|does not have many workers|LightningModule).*")
+        tr.fit(module, data(), ckpt_path=ckpt_path)
+    return tr
+
+
+def metrics(tmp_path):
+    import csv
+
+    return list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+
+
+def test_lightning_reading_results_in_the_loop_changes_nothing(pl, tmp_path):
+    from gradguard.lightning import GradGuardCallback
+
+    class Reader(pl.Callback):
+        def __init__(self, guard):
+            self.guard, self.seen = guard, []
+
+        def on_train_batch_end(self, *args):
+            self.seen.append((len(self.guard.findings), self.guard.totals["steps"], self.guard.skipped_steps))
+
+        def on_before_optimizer_step(self, *args):
+            self.guard.findings  # noqa: B018 (a look inside the step)
+
+    out = []
+    for read in (False, True):
+        cb = GradGuardCallback(log_every_n_steps=5)
+        torch.manual_seed(0)
+        extra = [Reader(cb)] if read else []
+        fit(pl, tmp_path / str(read), lightning_module(pl, mlp(8, nn.Sigmoid), poison=(7,)), [cb, *extra])
+        out.append((cb, metrics(tmp_path / str(read)), extra))
+    (quiet, rows_q, _), (peeked, rows_p, (reader,)) = out
+    assert rows_p == rows_q  # the loggers got the same rows
+    assert peeked.findings == quiet.findings and peeked.totals == quiet.totals == {**quiet.totals, "steps": 16}
+    assert reader.seen[7][1:] == (8, 1)  # the look saw the pending steps (a log step is every 5th)
+
+
+def test_lightning_refuses_the_callback_twice(pl, tmp_path):
+    from gradguard.lightning import GradGuardCallback
+
+    # Lightning itself refuses two stateful callbacks of one type; the callback checks again at setup
+    cb = GradGuardCallback()
+    with pytest.raises((ValueError, RuntimeError), match="more than one .*GradGuardCallback|the same one twice"):
+        fit(pl, tmp_path, lightning_module(pl, mlp(1)), [cb, cb])
+    with pytest.raises((ValueError, RuntimeError), match="more than one .*GradGuardCallback|2 GradGuardCallback"):
+        fit(pl, tmp_path, lightning_module(pl, mlp(1)), [GradGuardCallback(), GradGuardCallback()])
+
+
+def test_lightning_fine_tuning_unfreeze_between_fits(pl, tmp_path):
+    from gradguard.lightning import GradGuardCallback
+
+    torch.manual_seed(0)
+    net = mlp(3, init=he)
+    net[0].requires_grad_(False)
+    module = lightning_module(pl, net, poison=(3,))
+    cb = GradGuardCallback(log_every_n_steps=4)
+    fit(pl, tmp_path / "a", module, [cb])
+    assert [l.name for l in cb.layers] == ["net.2", "net.4", "net.6"] and cb.skipped_steps == 1
+    net.requires_grad_(True)
+    fit(pl, tmp_path / "b", module, [cb])
+    assert [l.name for l in cb.layers] == ["net.0", "net.2", "net.4", "net.6"]
+    assert cb.totals["steps"] == 32 and cb.skipped_steps == 1 and [f.kind for f in cb.findings] == ["nonfinite"]
+
+
+def test_lightning_resume_under_another_clip(pl, tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from gradguard.lightning import GradGuardCallback
+
+    torch.manual_seed(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(pl, tmp_path / "a", lightning_module(pl, mlp(2, init=he), poison=(2,)),
+        [GradGuardCallback(clip="auto", log_every_n_steps=4), ckpt], enable_checkpointing=True)
+    resumed = GradGuardCallback(clip="zscore", log_every_n_steps=4)
+    with pytest.warns(UserWarning, match=r"'auto'.*'zscore' policy starts fresh"):
+        fit(pl, tmp_path / "b", lightning_module(pl, mlp(2, init=he)), [resumed], max_epochs=2,
+            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.totals["steps"] == 32 and resumed.skipped_steps == 1
+
+
+def test_lightning_state_of_a_model_with_other_shapes_is_refused(pl, tmp_path):
+    from gradguard.lightning import GradGuardCallback
+
+    first = GradGuardCallback(log_every_n_steps=4)
+    fit(pl, tmp_path / "a", lightning_module(pl, mlp(2, width=16)), [first])
+    other = GradGuardCallback(log_every_n_steps=4)
+    other.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="different model"):
+        fit(pl, tmp_path / "b", lightning_module(pl, mlp(2, width=32)), [other])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(max_logged_layers=2.5), ValueError, "max_logged_layers"), (dict(max_logged_layers=-1), ValueError, "-1"),
+    (dict(measure_updates="no"), TypeError, "measure_updates"), (dict(clip_value=1.0), TypeError, "clip_value"),
+])
+def test_lightning_constructor_checks(pl, kwargs, error, match):
+    from gradguard.lightning import GradGuardCallback
+
+    with pytest.raises(error, match=match):
+        GradGuardCallback(**kwargs)
+    assert GradGuardCallback(log_every_n_steps=np.int64(4)).log_every_n_steps == 4
+
+
+def test_lightning_skipped_step_leaves_batchnorm_statistics_finite(pl, tmp_path):
+    from gradguard.lightning import GradGuardCallback
+
+    torch.manual_seed(0)
+    net = ConvNet(depth=2)
+    cb = GradGuardCallback(log_every_n_steps=4)
+    fit(pl, tmp_path, lightning_module(pl, net, poison=(5,), lr=0.05), [cb])
+    assert cb.skipped_steps == 1
+    assert all(torch.isfinite(b).all() for b in net.buffers()) and int(net.body[1].num_batches_tracked) == 15
+    net.eval()
+    with torch.no_grad():
+        assert torch.isfinite(net(digits(64)[0])).all()
+
+
+@pytest.mark.parametrize("clip", ["zscore", "percentile"])
+def test_lightning_zscore_and_percentile(pl, tmp_path, clip):
+    from gradguard.lightning import GradGuardCallback
+
+    torch.manual_seed(0)
+    cb = GradGuardCallback(clip=clip, log_every_n_steps=4)
+    module = lightning_module(pl, mlp(2, init=he), spike=(28, 1e3), lr=0.01)  # after ZClip's warm-up (25)
+    fit(pl, tmp_path, module, [cb], max_epochs=2)
+    assert cb.totals["clipped"] >= 1 and cb.state_dict()["engine"]["policy"] == clip
+    assert module.norms[28] < 1e2  # the spike reached the optimizer clipped
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_lightning_custom_policy(pl, tmp_path):
+    from gradguard.lightning import GradGuardCallback
+
+    cb = GradGuardCallback(clip=halving_policy(0.25), log_every_n_steps=4)
+    module = lightning_module(pl, mlp(2, init=he), lr=0.01)
+    fit(pl, tmp_path, module, [cb])
+    assert all(n == pytest.approx(0.25, rel=1e-3) for n in module.norms)
+    assert cb.totals["clipped"] == 16
+
+
+def test_lightning_lbfgs_is_refused(pl, tmp_path):
+    from gradguard.lightning import GradGuardCallback
+
+    with pytest.raises(TypeError, match="LBFGS"):
+        fit(pl, tmp_path, lightning_module(pl, mlp(1), opt="lbfgs"), [GradGuardCallback()])

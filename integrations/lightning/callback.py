@@ -205,9 +205,6 @@ class GradGuardCallback(*_callback_bases()):
     def _peek(self) -> tuple[list[Finding], dict]:
         self._collect_worker_result()
         if self._engine is not None and self._engine.built:
-            if self._in_step is not None:  # between before_step and after_step: judged state only
-                monitor = self._engine.monitor
-                return monitor.findings, dict(monitor.totals)
             return self._engine.peek()
         mon = (self._pending_state or {}).get("monitor", {})
         found = sorted((Finding.from_dict(f) for f in mon.get("findings", [])), key=lambda f: (f.step, f.kind))

@@ -149,7 +149,18 @@ class TorchEngine:
         host = self._host_state()
         if float(host["acc_steps"]) == 0:
             return b.pipeline.monitor.findings, dict(b.pipeline.monitor.totals)
-        return b.pipeline.monitor.peek(b.pipeline.window(host, self.step_count - 1))
+        last = self.step_count if self._in_step else self.step_count - 1  # inside a step: it is measured
+        return b.pipeline.monitor.peek(b.pipeline.window(host, last))
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings so far, pending steps included (a pure look, see ``peek``)."""
+        return self.peek()[0]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Counters so far, pending steps included (a pure look, see ``peek``)."""
+        return {k: int(v) for k, v in self.peek()[1].items()}
 
     # ------------------------------------------------------------------ the layout, built in one place
 

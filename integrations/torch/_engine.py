@@ -15,7 +15,6 @@ core's ``gradguard.pipeline``.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np

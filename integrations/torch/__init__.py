@@ -206,7 +206,7 @@ class TorchEngine:
                                config=self._detector_config, max_logged_layers=self._max_logged_layers,
                                logging_rank=self._is_logging_rank())
         self.state = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device)
-                      for k, v in stats.init_state(self.n_layers, self.policy).items()}
+                      for k, v in stats.init_state(self.n_layers, self.policy, trace_size=min(max(stats.TRACE_SIZE, self.log_every_n_steps), 4096)).items()}
         self._present_key = None
         self._install_saturation_hooks()
         self._built = True

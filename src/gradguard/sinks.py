@@ -31,9 +31,13 @@ class LogRecord:
     layer_norm: np.ndarray  # this step's per-layer gradient L2 norm (all layers)
     layer_norm_mean: np.ndarray  # window mean per layer (the heatmap's row)
     histograms: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None  # layer -> (counts, edges)
+    # Every optimizer step since the last record (see ``monitor.per_step_record``): lists of equal
+    # length under "step", "global_norm", "clip_threshold", "scale", "nonfinite", "skipped",
+    # "clipped", "spike", "explosion". None when the adapter keeps no trace.
+    per_step: Mapping[str, list] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "type": "step",
             "step": self.step,
             "scalars": {k: _num(v) for k, v in self.scalars.items()},
@@ -41,6 +45,9 @@ class LogRecord:
             "layer_norm": [_num(v) for v in self.layer_norm],
             "layer_norm_mean": [_num(v) for v in self.layer_norm_mean],
         }
+        if self.per_step is not None:
+            out["per_step"] = {k: list(v) for k, v in self.per_step.items()}
+        return out
 
 
 def _num(v: Any) -> float | None:

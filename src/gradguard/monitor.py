@@ -126,6 +126,7 @@ class Monitor:
         if report:
             record = self._record(window, snapshot)
             record.per_step = per_step_record(self._unreported_trace, self.skip_nonfinite)
+            record.layer_numel = np.array([l.numel for l in self.layers], dtype=np.int64)
             self._unreported_trace = []
             self.history.append((record.step, record.layer_norm_mean.astype(np.float32)))
             if self.logging_rank:  # every rank decides the same; only one reports

@@ -35,6 +35,7 @@ class LogRecord:
     # length under "step", "global_norm", "clip_threshold", "scale", "nonfinite", "skipped",
     # "clipped", "spike", "explosion". None when the adapter keeps no trace.
     per_step: Mapping[str, list] | None = None
+    layer_numel: np.ndarray | None = None  # parameters per layer (gradient RMS = norm / sqrt(numel))
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -45,6 +46,8 @@ class LogRecord:
             "layer_norm": [_num(v) for v in self.layer_norm],
             "layer_norm_mean": [_num(v) for v in self.layer_norm_mean],
         }
+        if self.layer_numel is not None:
+            out["layer_numel"] = [int(v) for v in self.layer_numel]
         if self.per_step is not None:
             out["per_step"] = {k: list(v) for k, v in self.per_step.items()}
         return out

@@ -106,7 +106,7 @@ def init_state(n_layers: int, policy: ClipPolicy, trace_size: int = TRACE_SIZE) 
         raise ValueError(f"trace_size must be an int >= 0, got {trace_size!r}")
     state = reset_window(n_layers)
     if trace_size:
-        state["trace"] = np.full((int(trace_size), 4), np.nan, np.float32)
+        state["trace"] = np.zeros((int(trace_size), 4), np.float32)  # rows are read only once written
     state.update({"trk_count": np.float32(0), "trk_mean": np.float32(0), "trk_var": np.float32(0),
                   "trk_prev": np.float32(0), "trk_run": np.float32(0), "trk_run_spike": np.float32(0),
                   "trk_since_spike": np.float32(1e9),

@@ -378,3 +378,59 @@ def test_report_screenshot_shows_heatmap_and_timeline(runs, tmp_path):
     no_heat = tmp_path / "noheat.html"
     no_heat.write_text(re.sub(r'<svg [^>]*data-part="heatmap".*?</svg>', "", page.read_text(), flags=re.S))
     assert share(shot(no_heat), heat_yellow) < share(img, heat_yellow) / 3
+
+
+# ---------------------------------------------------------------------------------------------- the JSON-lines sink
+
+def test_sinks_path_is_checked_in_the_constructor(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    model = mlp(1, nn.ReLU, width=8)
+    with pytest.raises(ValueError, match=r"sinks='' is not a path"):
+        GradGuard(model, sinks="")
+    with pytest.raises(ValueError, match=r"sinks='.*afile/run.jsonl': cannot write the gradguard log there"):
+        GradGuard(model, sinks=str(tmp_path / "afile" / "run.jsonl"))
+    with pytest.raises(ValueError, match=r"sinks=.*cannot write"):
+        GradGuard(model, sinks=[tmp_path / "ok", tmp_path / "afile" / "sub"])
+    (tmp_path / "adir.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"sinks=.*adir.jsonl"):
+        GradGuard(model, sinks=tmp_path / "adir.jsonl")
+
+
+def _train_with_hook(sinks, hook_at, hook, steps=40, every=10):
+    torch.manual_seed(0)
+    model = mlp(2, nn.ReLU, width=16, init=he)
+    x, y = digits(256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = GradGuard(model, sinks=sinks, log_every_n_steps=every)
+    with pytest.warns(RuntimeWarning) as caught:
+        for step in range(steps):
+            if step == hook_at:
+                hook()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+            guard.step(opt)
+        guard.close()
+    return [w for w in caught if "gradguard" in str(w.message)]
+
+
+def test_log_directory_deleted_mid_run_is_said_once_and_the_log_written_again(tmp_path):
+    run_dir = tmp_path / "run"
+    said = _train_with_hook(run_dir, 15, lambda: shutil.rmtree(run_dir))
+    assert len(said) == 1 and "deleted or replaced" in str(said[0].message)
+    assert str(run_dir / "gradguard.jsonl") in str(said[0].message)
+    run = read_run(run_dir)
+    assert run.log_steps.tolist() == [9, 19, 29, 39] and run.step.tolist() == list(range(40))  # nothing lost
+
+
+def test_log_directory_replaced_mid_run_leaves_the_new_file_alone(tmp_path):
+    run_dir = tmp_path / "run"
+
+    def replace():
+        run_dir.rename(tmp_path / "moved")
+        run_dir.mkdir()
+        (run_dir / "gradguard.jsonl").write_text("someone else's\n")
+
+    said = _train_with_hook(run_dir, 25, replace)
+    assert len(said) == 1 and "gradguard.recovered-1.jsonl" in str(said[0].message)
+    assert (run_dir / "gradguard.jsonl").read_text() == "someone else's\n"
+    assert read_run(run_dir / "gradguard.recovered-1.jsonl").log_steps.tolist() == [9, 19, 29, 39]

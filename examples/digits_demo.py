@@ -53,6 +53,7 @@ def run(title, model, optimizer, out_dir, steps=300, **guard_args):
     path = os.path.join(out_dir, title.replace(" ", "_").replace(",", "").replace("=", "-") + ".jsonl")
     if os.path.exists(path):
         os.remove(path)
+    # A log step every 10 steps gives the report's heatmap 30 columns; the timeline has every step anyway.
     guard = GradGuard(model, sinks=path, log_every_n_steps=10, **guard_args)
     for step in range(steps):
         idx = torch.randint(0, len(x), (64,))

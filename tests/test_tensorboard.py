@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -19,7 +19,6 @@ its fix). The page shows, per run:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import Iterable, Sequence
@@ -183,18 +182,19 @@ def write_report(runs: str | os.PathLike | Sequence[str | os.PathLike], out_path
                  profile_at: Sequence[int] | None = None) -> str:
     """Render one or more JSON-lines logs written by ``JsonlSink`` to one HTML file (runs side by
     side); returns its path. Default output: next to the (first) log, with ``.html``. Raises
-    ``RunLogError`` (one line) for a log that cannot be read."""
+    ``RunLogError`` (one line) for a log that cannot be read or a report that cannot be written."""
     paths = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
     if not paths:
         raise ValueError("write_report needs at least one run")
     if names is not None and len(names) != len(paths):
         raise ValueError(f"names must have one entry per run ({len(paths)}), got {list(names)!r}")
     logs = [read_run(p, names[i] if names else None) for i, p in enumerate(paths)]
-    if out_path is None:
-        out_path = os.path.splitext(logs[0].path)[0] + ".html"
-    out_path = os.fspath(out_path)
-    default_title = "gradguard report: " + " vs ".join(r.name for r in logs)
-    page = render(logs, title or default_title, profile_at)
+    return _write(logs, out_path, title, profile_at)
+
+
+def _write(logs: Sequence[RunLog], out_path, title, profile_at) -> str:
+    out_path = os.fspath(out_path) if out_path is not None else os.path.splitext(logs[0].path)[0] + ".html"
+    page = render(logs, title or "gradguard report: " + " vs ".join(r.name for r in logs), profile_at)
     try:
         with open(out_path, "w", encoding="utf-8") as f:
             f.write(page)
@@ -230,13 +230,7 @@ def run_command(args: argparse.Namespace) -> int:
         for log in logs:
             for w in log.warnings:
                 print(f"gradguard: warning: {w}", file=sys.stderr)
-        out = args.output or os.path.splitext(logs[0].path)[0] + ".html"
-        page = render(logs, args.title or "gradguard report: " + " vs ".join(r.name for r in logs), args.profile_steps)
-        try:
-            with open(out, "w", encoding="utf-8") as f:
-                f.write(page)
-        except OSError as exc:
-            raise RunLogError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
+        out = _write(logs, args.output, args.title, args.profile_steps)
     except RunLogError as exc:
         print(f"gradguard: error: {exc}", file=sys.stderr)
         return 2

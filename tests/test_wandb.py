@@ -221,7 +221,8 @@ def test_sink_built_before_wandb_init_attaches_to_the_run_and_to_the_next_one(wa
         train(4)  # log steps 11 and 13 reach the second run
         guard.close()
         second.finish()
-    assert len(gone) == 1 and "finished while training goes on" in str(gone[0].message)
+    assert len(gone) == 1 and "is finished while training goes on" in str(gone[0].message)
+    assert "the sink attaches to it" in str(gone[0].message)
     assert len(gradguard_warnings(caught)) == 1  # said once, nothing more
 
     for path, expected in ((run_dir, [5, 7]), (second_dir, [11, 13])):
@@ -272,7 +273,7 @@ def test_run_finished_mid_training_warns_once_and_training_goes_on(wandb_dir):
         guard.close()  # the run is finished: close adds nothing and says nothing
     sink_warnings = gradguard_warnings(caught)
     assert len(sink_warnings) == 1, [str(w.message) for w in sink_warnings]
-    assert "finished while training goes on" in str(sink_warnings[0].message)
+    assert "is finished while training goes on" in str(sink_warnings[0].message)
     assert guard.engine.step_count == 10
     assert not torch.equal(model[0].weight, weights_at_finish)  # training went on
     assert guard.engine.monitor.totals["steps"] == 10  # and so did the monitor

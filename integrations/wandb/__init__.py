@@ -38,8 +38,9 @@ cause, evidence). Not ``summary["gradguard/findings"]``: that key is the logged 
 The run: ``run=None`` follows ``wandb.run``. A sink built before ``wandb.init()`` waits quietly and
 attaches to the run when it appears (the heatmap and the per-step table then include the steps before
 it; the findings so far go to its summary); when that run finishes and the user starts another one,
-the sink attaches to the new one. When the run goes away while training goes on, the sink warns once
-that gradguard's records are not reaching W&B until a new run starts.
+the sink attaches to the new one. When the run finishes while training goes on, the sink raises once
+(``RunGone``; the monitor turns it into the sink's one warning) that gradguard's records are not
+reaching W&B until a new run starts.
 
 A failing W&B call raises out of the sink, the monitor turns that into one warning and training goes
 on; after a failure the sink stays quiet (no more rendering or logging) until a new run appears.
@@ -50,7 +51,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,10 @@ from gradguard.sinks import LogRecord, Sink
 __all__ = ["WandbSink"]
 
 logger = logging.getLogger("gradguard")
+
+
+class RunGone(RuntimeError):
+    """The run the sink wrote to finished while training goes on."""
 
 
 _LEVELS = {"warning": "WARN", "critical": "ERROR"}
@@ -161,11 +165,13 @@ class WandbSink(Sink):
             self._finding(run, f)
 
     def _say_gone(self, run: Any) -> None:
+        """Losing records is said once: as this sink's one failure warning (the monitor's), which
+        then stays silent; a new run resets that."""
         if not self._warned_gone:
             self._warned_gone = True
-            warnings.warn(f"gradguard: WandbSink: the W&B run {getattr(run, 'id', '')} finished while training goes "
-                          "on; gradguard's records do not reach W&B until a new wandb.init() run starts (the sink "
-                          "attaches to it)", RuntimeWarning, stacklevel=4)
+            raise RunGone(f"the W&B run {getattr(run, 'id', '')} is finished while training goes on; gradguard's "
+                          "records do not reach W&B until a new wandb.init() run starts"
+                          + (" (the sink attaches to it)" if self._given_run is None else ""))
 
     def _guarded(self, fn, *args) -> None:
         """Run one W&B interaction; after the first failure the sink goes quiet (until a new run)."""

@@ -434,3 +434,12 @@ def test_log_directory_replaced_mid_run_leaves_the_new_file_alone(tmp_path):
     assert len(said) == 1 and "gradguard.recovered-1.jsonl" in str(said[0].message)
     assert (run_dir / "gradguard.jsonl").read_text() == "someone else's\n"
     assert read_run(run_dir / "gradguard.recovered-1.jsonl").log_steps.tolist() == [9, 19, 29, 39]
+
+
+def test_depth_profile_at_chosen_steps(runs, tmp_path):
+    from gradguard.cli import main
+
+    assert main(["report", str(runs["sigmoid"]), "-o", str(tmp_path / "p.html"), "--profile-steps", "15,59"]) == 0
+    page = (tmp_path / "p.html").read_text()
+    profile = re.search(r'<svg [^>]*data-part="profile".*?</svg>', page, flags=re.S).group(0)
+    assert re.findall(r"— step (\d+)", profile) == ["19", "59"]  # the log step at or after each one asked for

@@ -146,3 +146,38 @@ def test_lightning_tensorboard_logger_gets_histograms_every_step_and_the_heatmap
     assert [h.step for h in acc.Histograms("grad/hist/net.0")] == [4, 9, 14, 19]
     assert acc.Images("gradguard/gradient_flow")  # drawn at the end of training
     assert any(t.startswith("gradguard/finding/") for t in tags["tensors"])
+
+
+_KERAS_CASE = """
+import os, sys
+os.environ["KERAS_BACKEND"] = sys.argv[1]
+import keras, numpy as np
+from gradguard.keras import GradGuardCallback
+from gradguard.tensorboard import TensorBoardSink
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
+model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+x = np.random.default_rng(0).normal(size=(160, 8)).astype("float32")
+y = np.random.default_rng(1).integers(0, 3, 160)
+model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+          callbacks=[GradGuardCallback(log_every_n_steps=5, sinks=[TensorBoardSink(sys.argv[2], heatmap_every=1)])])
+import gradguard.tensorboard
+print("TORCH_IMPORTED" if "torch.utils.tensorboard" in sys.modules else "NO_TORCH_TENSORBOARD")
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_keras_fit_writes_event_files_without_torch_tensorboard(tmp_path, backend):
+    import subprocess
+    import sys
+
+    pytest.importorskip("keras")
+    pytest.importorskip(backend)
+    out = subprocess.run([sys.executable, "-c", _KERAS_CASE, backend, str(tmp_path / "tb")], capture_output=True,
+                         text=True, timeout=600, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "NO_TORCH_TENSORBOARD" in out.stdout  # the event files came from the tensorboard package alone
+    acc = read(tmp_path / "tb")
+    assert [e.step for e in acc.Scalars("grad/norm/global_every_step")] == list(range(10))
+    assert [e.step for e in acc.Scalars("grad/norm/global")] == [4, 9]
+    assert acc.Images("gradguard/gradient_flow")

@@ -128,13 +128,21 @@ def test_checkpoint_carries_the_callback_state_and_resume_restores_it(tmp_path):
     assert [f.kind for f in resumed.findings] == [f.kind for f in cb.findings]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_processes_take_one_decision(tmp_path):
     """torchrun, 2 CPU processes (gloo): NaN on rank 1 only reaches both ranks through the all-reduce,
     both skip the same step and measure the same global norm."""
     worker = Path(__file__).with_name("hf_ddp_worker.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-                           str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                           str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0]["world_size"] == 2

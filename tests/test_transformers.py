@@ -167,3 +167,27 @@ def test_deepspeed_is_refused_with_a_clear_error(tmp_path):
 def test_bad_arguments_raise_in_the_constructor(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         GradGuardCallback(**kwargs)
+
+
+def test_wandb_report_to_gets_scalars_from_the_trainer_and_extras_from_gradguard(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from wandb_offline import read_run
+
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": tmp_path, "WANDB_SILENT": "true", "WANDB_PROJECT": "gradguard-tests",
+           "WANDB_CONFIG_DIR": tmp_path / "config", "WANDB_CACHE_DIR": tmp_path / "cache",
+           "WANDB_DATA_DIR": tmp_path / "data", "WANDB_ARTIFACT_DIR": tmp_path / "artifacts"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    model = tiny_llama()
+    model.model.layers[0].mlp.register_forward_hook(_PoisonOnce(at_call=3))
+    cb = GradGuardCallback(clip="auto")
+    try:
+        _train(tmp_path, cb, model=model, max_grad_norm=0.0, max_steps=10, report_to=["wandb"])
+    finally:
+        if wandb.run is not None:
+            wandb.finish()
+    logged = read_run(tmp_path)
+    assert len(logged.values("train/grad/norm/global")) == 2  # through the Trainer's WandbCallback, steps 5, 10
+    assert logged.values("train/gradguard/skipped_steps")[-1] == 1
+    assert any(k.startswith("grad/hist/") for row in logged.history for k in row)  # gradguard's own extras
+    assert logged.alerts and "gradguard/finding/nonfinite" in logged.summary

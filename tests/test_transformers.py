@@ -56,7 +56,7 @@ def test_healthy_llama_is_quiet_and_scalars_reach_every_report_to_target(tmp_pat
 def test_clips_once_with_max_grad_norm_or_with_clip(tmp_path):
     """max_grad_norm > 0: gradguard measures the raw gradients and applies exactly the Trainer's clip,
     once. max_grad_norm=0 + clip=0.5: the same update. Both match the Trainer clipping on its own."""
-    steps = dict(max_steps=8, logging_steps=4, lr_scheduler_type="constant")
+    steps = dict(max_steps=8, logging_steps=4, lr_scheduler_type="constant", gradient_accumulation_steps=2)
     _, plain = _train(tmp_path / "a", max_grad_norm=0.5, **steps)
     with pytest.warns(UserWarning, match="max_grad_norm=0.5"):
         cb = GradGuardCallback(clip="auto")
@@ -70,6 +70,7 @@ def test_clips_once_with_max_grad_norm_or_with_clip(tmp_path):
     rows = [r for r in trainer.state.log_history if "loss" in r]
     assert all(r["grad/norm/global"] > 0.5 for r in rows)  # raw, not the clipped 0.5
     assert all(r["gradguard/clip_threshold"] == 0.5 for r in rows)
+    assert cb.totals["steps"] == 8  # once per optimizer step, not per micro-batch
     assert cb.totals["clipped"] == cb2.totals["clipped"] == 8
 
 

@@ -65,7 +65,9 @@ def _is(obj: Any, class_name: str) -> bool:
 
 # Strategies that shard gradients or own the optimizer step: a rank's gradients are not the
 # all-reduced full gradients this callback needs.
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+# ModelParallelStrategy (FSDP2, DTensor parameters) is supported: the engine reduces its sums over the shard
+# groups. FSDPStrategy (FSDP1) keeps flattened local shards whose layer shapes the engine cannot see yet.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
 def _trainer_clips(max_norm: float) -> clipping.ClipPolicy:
@@ -227,7 +229,8 @@ class GradGuardCallback(*_callback_bases()):
         strategy = trainer.strategy
         for name in _UNSUPPORTED_STRATEGIES:
             if _is(strategy, name):
-                raise ValueError(f"GradGuardCallback supports single-device and DDP strategies, got "
+                raise ValueError(f"GradGuardCallback supports single-device, DDP and ModelParallelStrategy (FSDP2: "
+                                 f"use it instead of FSDPStrategy) strategies, got "
                                  f"strategy={type(strategy).__name__}: it shards the gradients (or owns the "
                                  "optimizer step), so no rank sees the full gradient to measure")
         self._plan = self._clip_plan(trainer, pl_module, bool(trainer.is_global_zero))

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from gradguard.lightning import GradGuardCallback
 
 STEPS = 6
+CLIP = 0.3  # below the first step's global norm (0.47): gradguard clips the sharded gradients
 
 
 def model_and_data(seed=0):
@@ -61,10 +62,14 @@ class ReadNorm(pl.Callback):
     """After GradGuardCallback's on_before_optimizer_step: the step's global norm from the engine."""
 
     def __init__(self, guard):
-        self.guard, self.norms = guard, []
+        self.guard, self.norms, self.clipped = guard, [], []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.norms.append([float(v) for v in self.guard.engine.state["acc_last"]])  # per layer, then global
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:  # the norm of the whole (sharded) gradient the optimizer gets, after gradguard clipped it
+            total = torch.nn.utils.get_total_norm(grads)
+            self.clipped.append(float(total.full_tensor() if hasattr(total, "full_tensor") else total))
 
 
 def reference_norms():
@@ -89,7 +94,7 @@ if __name__ == "__main__":
         from pytorch_lightning.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
-    guard = GradGuardCallback(clip=None, log_every_n_steps=2)
+    guard = GradGuardCallback(clip=CLIP, log_every_n_steps=2)
     reader = ReadNorm(guard)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS, callbacks=[guard, reader],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -99,7 +104,7 @@ if __name__ == "__main__":
     rank = trainer.global_rank
     engine = guard.engine
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"norms": reader.norms, "skipped": guard.skipped_steps, "findings": [f.kind for f in guard.findings],
+        json.dump({"norms": reader.norms, "clipped": reader.clipped, "skipped": guard.skipped_steps, "findings": [f.kind for f in guard.findings],
                    "layers": [l.name for l in engine.layers], "numel": [l.numel for l in engine.layers],
                    "finite": all(bool(torch.isfinite(p.detach().full_tensor() if hasattr(p, "full_tensor") else p).all())
                                  for p in module.parameters())}, f)

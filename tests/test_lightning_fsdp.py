@@ -26,6 +26,11 @@ def test_model_parallel_strategy_gives_whole_model_norms_on_every_rank(tmp_path)
         # step 0: per-layer and global norms of the full gradient, not of this rank's shard
         assert r["norms"][0] == pytest.approx(reference, rel=1e-5)
         assert r["layers"] == ["net.0", "net.2", "net.4"] and r["numel"] == [16 * 32 + 32, 32 * 32 + 32, 32 * 4 + 4]
+        # gradguard's clip= on sharded gradients: the whole gradient's norm is cut to 0.3 where it was above
+        raw = [n[-1] for i, n in enumerate(r["norms"]) if i != 3]
+        assert len(r["clipped"]) == len(raw)  # the skipped step reached the optimizer with no gradients
+        for before, after in zip(raw, r["clipped"]):
+            assert after == pytest.approx(min(before, 0.3), rel=1e-4)
         assert r["skipped"] == 1 and "nonfinite" in r["findings"] and r["finite"]  # rank 1's NaN, skipped everywhere
     assert ranks[0]["norms"][:3] == ranks[1]["norms"][:3]  # bit-identical on both ranks
     assert ranks[0]["norms"][4:] == ranks[1]["norms"][4:]

@@ -153,10 +153,14 @@ def test_ddp_two_processes_take_one_decision(tmp_path):
     assert results[0]["logged_norm"] and results[1]["logged_norm"] == []  # only the main process logs
 
 
-def test_deepspeed_is_refused_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize("field, value, match", [
+    ("deepspeed", {"zero_optimization": {"stage": 2}}, "does not support DeepSpeed"),
+    ("fsdp", "full_shard", "does not support the Trainer's FSDP"),
+])
+def test_deepspeed_and_fsdp_are_refused_with_a_clear_error(tmp_path, field, value, match):
     args = training_args(str(tmp_path / "out"))
-    args.deepspeed = {"zero_optimization": {"stage": 2}}  # set after construction: deepspeed is not installed
-    with pytest.raises(ValueError, match="does not support DeepSpeed"):
+    setattr(args, field, value)  # set after construction: deepspeed is not installed, FSDP needs an accelerator
+    with pytest.raises(ValueError, match=match):
         GradGuardCallback().on_init_end(args, None, None)
 
 

@@ -171,8 +171,10 @@ class GradGuardCallback(TrainerCallback, ExportableState):
         DefaultFlowCallback puts its scalars into the log dict before the report_to callbacks read it."""
         if self._ordered:
             return
-        frame = sys._getframe(2)  # this method <- our hook <- CallbackHandler.call_event
-        handler = frame.f_locals.get("self") if frame is not None else None
+        try:
+            handler = sys._getframe(2).f_locals.get("self")  # this method <- our hook <- CallbackHandler.call_event
+        except ValueError:  # called from the top of a stack, not by a Trainer
+            handler = None
         if not isinstance(handler, CallbackHandler) or not any(cb is self for cb in handler.callbacks):
             warnings.warn("gradguard: could not find the Trainer's CallbackHandler; gradguard's scalars reach only "
                           "the callbacks listed after GradGuardCallback and state.log_history", RuntimeWarning,

@@ -67,7 +67,9 @@ def _is(obj: Any, class_name: str) -> bool:
 
 # Strategies that shard gradients or own the optimizer step: a rank's gradients are not the
 # all-reduced full gradients this callback needs.
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+# ModelParallelStrategy (FSDP2, DTensor parameters) is supported: the engine reduces its sums over the shard
+# groups. FSDPStrategy (FSDP1) keeps flattened local shards whose layer shapes the engine cannot see yet.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
 def _trainer_clips(max_norm: float) -> clipping.ClipPolicy:
@@ -142,8 +144,6 @@ class GradGuardCallback(*_callback_bases()):
         if wandb not in (None, True, False):
             raise TypeError(f"wandb must be None, True or False, got {wandb!r}")
         self.options = Options.of("GradGuardCallback", options)
-        if self.options.sinks is not None:
-            _check_sinks(self.options.sinks)
         self.clip = self.options.clip
         self.log_every_n_steps = self.options.log_every_n_steps
         self.skip_nonfinite = self.options.skip_nonfinite
@@ -234,7 +234,8 @@ class GradGuardCallback(*_callback_bases()):
         strategy = trainer.strategy
         for name in _UNSUPPORTED_STRATEGIES:
             if _is(strategy, name):
-                raise ValueError(f"GradGuardCallback supports single-device and DDP strategies, got "
+                raise ValueError(f"GradGuardCallback supports single-device, DDP and ModelParallelStrategy (FSDP2: "
+                                 f"use it instead of FSDPStrategy) strategies, got "
                                  f"strategy={type(strategy).__name__}: it shards the gradients (or owns the "
                                  "optimizer step), so no rank sees the full gradient to measure")
         self._plan = self._clip_plan(trainer, pl_module, bool(trainer.is_global_zero))
@@ -417,15 +418,3 @@ def _overrides(pl_module: Any, method: str) -> bool:
         if method in cls.__dict__:
             return not cls.__module__.startswith(("pytorch_lightning.", "lightning.pytorch."))
     return False
-
-
-def _check_sinks(sinks: Any) -> None:
-    """Validate ``sinks=`` now (the sinks themselves are made at setup, on rank zero)."""
-    if isinstance(sinks, (str, os.PathLike, Sink)):
-        return
-    if isinstance(sinks, (list, tuple)):
-        for s in sinks:
-            _check_sinks(s)
-        return
-    raise TypeError(f"sinks must be None, a path, a gradguard.Sink or a list of them, got {sinks!r}")
-

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from gradguard import clipping
 from gradguard.detectors import DetectorConfig
+from gradguard.sinks import check_sinks
 from gradguard.stats import TrackerConfig
 
 DEFAULT_LOG_EVERY = 50
@@ -79,6 +80,7 @@ class Options:
         if self.log_every_n_steps is not None:
             set_("log_every_n_steps", _int("log_every_n_steps", self.log_every_n_steps, 1))
         set_("skip_nonfinite", _bool("skip_nonfinite", self.skip_nonfinite))
+        check_sinks(self.sinks)  # the type, here; paths are opened where the host makes its sinks
         if self.max_logged_layers is not None:
             set_("max_logged_layers", _int("max_logged_layers", self.max_logged_layers, 2))
         set_("measure_updates", _bool("measure_updates", self.measure_updates))

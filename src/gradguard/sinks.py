@@ -205,6 +205,22 @@ class SinkSet:
             self._call(sink, "close")
 
 
+def check_sinks(sinks: Any) -> None:
+    """Check a ``sinks=`` value without opening anything (hosts that make their sinks later, on the
+    logging rank, check it in their constructor): its type, and no empty path."""
+    if sinks is None or isinstance(sinks, Sink):
+        return
+    if isinstance(sinks, (str, os.PathLike)):
+        if not os.fspath(sinks):
+            raise ValueError("sinks must be a directory or .jsonl path, got '' (pass None for no sinks)")
+        return
+    if isinstance(sinks, Sequence):
+        for s in sinks:
+            check_sinks(s)
+        return
+    raise TypeError(f"sinks must be None, a path, a gradguard.Sink or a list of them, got {sinks!r}")
+
+
 def make_sinks(sinks: Any) -> list[Sink]:
     """``sinks=`` accepts None (no sinks), a directory or ``.jsonl`` path (JSON-lines file), a Sink,
     or a list of those. Paths are opened here, in the constructor that takes ``sinks=``: an empty or

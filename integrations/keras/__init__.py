@@ -22,6 +22,7 @@ the steps the loss scaler lets through, and leaves the loss scaler's own skips t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -37,12 +38,14 @@ from gradguard.layers import LayerInfo
 from gradguard.monitor import Monitor
 from gradguard.sinks import LogRecord, Sink, make_sinks
 
-from gradguard.keras._graph import ApplyHook, keras_ops
+from gradguard.keras import _compat
+from gradguard.keras._graph import ApplyHook, keras_ops, make_hook
 from gradguard.keras._model import describe_model
 
 __all__ = ["GradGuardCallback", "describe_model", "keras_ops"]
 
 logger = logging.getLogger("gradguard")
+_compat.check_keras_version()
 
 _LOGS_MODES = ("norms", "all", None)
 _KERAS_CLIP_ARGS = ("global_clipnorm", "clipnorm", "clipvalue")
@@ -159,7 +162,7 @@ class GradGuardCallback(keras.callbacks.Callback):
             warnings.warn(f"gradguard: log_every_n_steps={self.log_every_n_steps} is not a multiple of "
                           f"steps_per_execution={spe}; logging every {self._every} steps", stacklevel=2)
         self._next_log = (self._host_steps // self._every + 1) * self._every
-        self._hook = ApplyHook(target, configure=lambda: self._configure(model, target))
+        self._hook = make_hook(target, configure=lambda: self._configure(model, target))
         if model.trainable_variables:
             if not optimizer.built:  # TF without a strategy builds it in the first trace; do it now
                 with _strategy_scope(model):
@@ -259,7 +262,7 @@ class GradGuardCallback(keras.callbacks.Callback):
             if hook.state_var is not None:
                 hook.remove_variables()
             self._hook = None
-            model = self._model  # no JAX sync needed: fit has synced already
+            model = _compat.callback_model_no_sync(self)  # no JAX sync needed: fit has synced already
             model.train_function = None  # the next fit traces without the hook
 
     # ------------------------------------------------------------------ log steps
@@ -361,21 +364,8 @@ class GradGuardCallback(keras.callbacks.Callback):
             self.monitor.close()
 
 
-class _strategy_scope:
-    def __init__(self, model):
-        self.model = model
-        self._ctx = None
-
-    def __enter__(self):
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-            strategy = getattr(self.model, "_distribute_strategy", None)
-            if strategy is not None and not tf.distribute.has_strategy():
-                self._ctx = strategy.scope()
-                self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-        return False
+def _strategy_scope(model):
+    if keras.backend.backend() == "tensorflow":
+        from gradguard.keras._backend_tf import strategy_scope
+        return strategy_scope(model)
+    return contextlib.nullcontext()

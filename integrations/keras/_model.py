@@ -7,6 +7,7 @@ import math
 
 import keras
 
+from gradguard.keras import _compat as compat
 from gradguard.layers import LayerInfo, ModelFacts
 
 # Layers whose main weight's last axis holds the output units (a unit is dead when its column of
@@ -40,9 +41,7 @@ def activation_name(fn) -> str | None:
 
 
 def _flatten_layers(model):
-    # Depth first in attribute/model order; for Sequential and functional models this is
-    # the order of model.layers, nested models and custom layers expanded in place.
-    return list(model._flatten_layers(include_self=True, recursive=True))
+    return compat.flatten_layers(model)
 
 
 def describe_model(model: "keras.Model") -> ModelLayout:
@@ -54,7 +53,7 @@ def describe_model(model: "keras.Model") -> ModelLayout:
     owners = []
     seen: set[int] = set()
     for layer in _flatten_layers(model):
-        own = [v for v in getattr(layer, "_trainable_variables", []) if id(v) in trainable and id(v) not in seen]
+        own = [v for v in compat.own_trainable_variables(layer) if id(v) in trainable and id(v) not in seen]
         if own:
             seen.update(id(v) for v in own)
             owners.append((layer, own))

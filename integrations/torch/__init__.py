@@ -201,7 +201,7 @@ class TorchEngine:
         self._param_layer_t = torch.tensor(param_layer, device=self.device)
         self.n_layers = len(self.layers)
         self._setup_sharding()
-        self.monitor = Monitor(self.layers, describe_model(self.model), policy_name=self.policy.name,
+        self.monitor = Monitor(self.layers, describe_model(self.model), policy=self.policy,
                                skip_nonfinite=self.skip_nonfinite, sinks=self._sink_list,
                                config=self._detector_config, max_logged_layers=self._max_logged_layers,
                                logging_rank=self._is_logging_rank())
@@ -341,7 +341,7 @@ class TorchEngine:
         self._snapshot = self._take_snapshot(grads, layer_sq) if self._log_step else None
         if self.policy.unitwise is not None and self.clipping_allowed:
             self._clip_unitwise(grads)
-        may_clip = self.policy.name not in ("none", "agc") and self.clipping_allowed
+        may_clip = self.policy.scales_global and self.clipping_allowed
         if self.skip_nonfinite:
             # The one host read of a non-log step (GradScaler's gate): 0 = non-finite, 1 = finite,
             # 2 = finite and to be clipped; so the clipping pass runs only when it changes something.
@@ -406,8 +406,9 @@ class TorchEngine:
             snap.temporal = {k: v.cpu().double().numpy() for k, v in self._temporal.items()}
         self._saturation, self._temporal = {}, {}
         decision = self.monitor.observe(window, snap, report=report)
-        if decision.enable_clipping and "clip_enabled" in self.state:
-            self.state["clip_enabled"] = torch.ones((), device=self.device)
+        latch = stats.latch_key(self.policy)
+        if decision.enable_clipping and latch is not None:
+            self.state[latch] = torch.ones((), device=self.device)
         return decision
 
     # ------------------------------------------------------------------ log-step measurements

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from gradguard.clipping import ClipPolicy, Signals
+from gradguard.clipping import ClipPolicy, Signals, state_fields, state_like
 
 INF = float("inf")
 
@@ -96,9 +96,21 @@ def init_state(n_layers: int, policy: ClipPolicy) -> dict[str, np.ndarray]:
                   "trk_prev": np.float32(0), "trk_run": np.float32(0), "trk_run_spike": np.float32(0),
                   "trk_since_spike": np.float32(1e9),
                   "threshold": np.float32(INF)})
-    for k, v in policy.init().items():
-        state["clip_" + k] = np.asarray(v, np.float32)
+    for k, v in state_fields(policy.init()).items():
+        state[POLICY_PREFIX + k] = np.asarray(v, np.float32)
     return state
+
+
+POLICY_PREFIX = "clip_"  # the policy's state fields live in the flat state under this prefix
+
+
+def latch_key(policy: ClipPolicy) -> str | None:
+    """The flat-state key of the policy's latch field (see ``ClipPolicy.latch``), or None."""
+    return None if policy.latch is None else POLICY_PREFIX + policy.latch
+
+
+def policy_keys(state: Mapping[str, Any]) -> list[str]:
+    return [k for k in state if k.startswith(POLICY_PREFIX)]
 
 
 def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: ClipPolicy, xp,
@@ -159,15 +171,18 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     s["trk_prev"] = s["trk_prev"] + usable * (x - s["trk_prev"])
 
     # Clipping policy; its state only moves on finite steps.
-    pol_state = {k[5:]: v for k, v in s.items() if k.startswith("clip_")}
+    n = len(POLICY_PREFIX)
+    pol_fields = {k[n:]: v for k, v in s.items() if k.startswith(POLICY_PREFIX)}
+    pol_state = state_like(policy.init(), pol_fields)
     threshold, new_pol = policy.update(pol_state, gnorm, Signals(spike, explosion, mean, sigma), xp)
-    for k, v in new_pol.items():
-        s["clip_" + k] = xp.where(finite > 0, v, pol_state[k])
+    for k, v in state_fields(new_pol).items():
+        s[POLICY_PREFIX + k] = xp.where(finite > 0, v, pol_fields[k])
     clip = finite * xp.asfloat(gnorm > threshold)
     scale = xp.where(clip > 0, threshold / (gnorm + 1e-6), 1.0)
     s["threshold"] = xp.where(finite > 0, threshold, s["threshold"])
-    if "clip_enabled" in s:  # the auto latch also closes on an overflow right after a spike (a skipped step)
-        s["clip_enabled"] = xp.maximum(s["clip_enabled"], overflow)
+    latch = latch_key(policy)
+    if latch is not None:  # a latch also closes on an overflow right after a spike (a skipped step)
+        s[latch] = xp.maximum(s[latch], overflow)
 
     index = s["acc_steps"]
     events = xp.stack([1.0 - finite, spike, explosion])
@@ -258,7 +273,8 @@ class WindowStats:
             max_jump=float(st["acc_max_jump"]),
             tracker_level=math.exp(float(st["trk_mean"])) if float(st["trk_count"]) > 0 else math.nan,
             threshold=float(st["threshold"]),
-            policy_state={k[5:]: float(v) for k, v in st.items() if k.startswith("clip_") and v.ndim == 0},
+            policy_state={k[len(POLICY_PREFIX):]: float(v) for k, v in st.items()
+                          if k.startswith(POLICY_PREFIX) and v.ndim == 0},
         )
 
 

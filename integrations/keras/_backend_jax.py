@@ -15,6 +15,22 @@ class JaxApplyHook(ApplyHook):
     def sum_squares(self, meas):
         return [jnp.vdot(m.reshape(-1), m.reshape(-1)) for m in meas]  # measured: cheaper than sum(square)
 
+    def _guarded_train_step(self, state, data):
+        """JAX's train step is a pure function of the state: select the non-trainable values from
+        before the step where the step was skipped (XLA fuses the select)."""
+        self.step_finite = None
+        logs, new_state = self._train_step(state, data)
+        finite = self.step_finite
+        if finite is None:
+            return logs, new_state
+        trainable, non_trainable, optimizer_vars, metrics = new_state
+        watched = {id(v) for v in self._watched}
+        positions = [i for i, v in enumerate(self._guarded_model.non_trainable_variables) if id(v) in watched]
+        non_trainable = list(non_trainable)
+        for i in positions:
+            non_trainable[i] = jnp.where(finite > 0, non_trainable[i], state[1][i])
+        return logs, (trainable, non_trainable, optimizer_vars, metrics)
+
     def _step(self, step, state_now, step_now, has_grad):
         """No conditional and no read of a pre-update weight besides the update itself: under jit
         the update writes the weights and slots in place, and anything else that reads them first

@@ -51,6 +51,29 @@ class TFApplyHook(ApplyHook):
         the init scope when the first trace of a tf.function creates them."""
         return _creation_scope(self.optimizer)
 
+    # ------------------------------------------------------------ forward state
+
+    def _can_guard_forward_state(self, model) -> bool:
+        # Under a multi-replica strategy BN statistics are synchronised by the strategy itself;
+        # a conditional write in replica context is not allowed there: not guarded.
+        strategy = compat.model_distribute_strategy(model)
+        return strategy is None or strategy.num_replicas_in_sync <= 1
+
+    def _guarded_train_step(self, data):
+        # Read before the forward pass (automatic control dependencies keep program order).
+        before = [tf.identity(v.value) for v in self._watched]
+        self.step_finite = None
+        logs = self._train_step(data)
+        finite = self.step_finite
+        if finite is not None:
+            def restore():
+                for v, value in zip(self._watched, before):
+                    v.assign(value)
+                return tf.constant(0)
+
+            tf.cond(finite > 0, lambda: tf.constant(0), restore)
+        return logs
+
     # ------------------------------------------------------------ the step
 
     def _step(self, step, state_now, step_now, has_grad):

@@ -64,6 +64,20 @@ class TorchApplyHook(ApplyHook):
         super()._skip_effects()
         self._micro = 0
 
+    # ------------------------------------------------------------ forward state
+
+    def _guarded_train_step(self, data):
+        # Copies of the (small) statistics; the step's own host read of the gate decides.
+        with torch.no_grad():
+            before = [v.value.detach().clone() for v in self._watched]
+        self.step_finite = None
+        logs = self._train_step(data)
+        if self.step_finite is False:
+            with torch.no_grad():
+                for v, value in zip(self._watched, before):
+                    v.value.copy_(value)
+        return logs
+
     # ------------------------------------------------------------ the step
 
     def _step(self, step, state_now, step_now, has_grad):
@@ -135,13 +149,6 @@ class TorchApplyHook(ApplyHook):
                  ops.stack([_add(p) if p else zero for p in zeros]),
                  before[:L],
                  ops.stack([_add(p) if p else zero for p in update])]
-        by_id = {id(v): m for v, m in zip(pvars, meas)}
-        for li, kid in self.unit_kernel.items():
-            m = by_id.get(kid)
-            if m is None:
-                parts.append(ops.zeros((self.unit_sizes[li],), F32))
-            else:
-                axes = tuple(range(len(m.shape) - 1))
-                parts.append(ops.cast(ops.equal(ops.max(ops.abs(m), axis=axes), 0.0), F32))
+        parts.extend(self._dead_units(step))
         parts.extend(self._histograms(meas, lidx))
         return ops.concatenate(parts, axis=0)

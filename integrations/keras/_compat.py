@@ -98,6 +98,21 @@ def own_trainable_variables(layer) -> list:
     return list(getattr(layer, "_trainable_variables", []))
 
 
+def forward_state_variables(model) -> list:
+    """Non-trainable variables a training forward pass may write: those a trainable layer owns
+    itself (BatchNormalization's moving mean and variance, ...), not a frozen layer's weights (a
+    frozen layer runs in inference mode and writes nothing)."""
+    out, seen = [], set()
+    for layer in flatten_layers(model):
+        if not layer.trainable:
+            continue
+        for v in getattr(layer, "_non_trainable_variables", []):
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+    return out
+
+
 def model_distribute_strategy(model):
     """The ``tf.distribute`` strategy a TensorFlow-backend model was created under (or None)."""
     return getattr(model, "_distribute_strategy", None)

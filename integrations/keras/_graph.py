@@ -35,12 +35,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradguard import stats
+from gradguard import pipeline, stats
 from gradguard.clipping import ClipPolicy
+from gradguard.pipeline import HIST_BINS
 from gradguard.keras import _compat as compat
 
-_UPDATE_SAMPLE = 4096  # elements per variable sampled to measure the applied update
-HIST_BINS = 64
 F32 = "float32"
 
 
@@ -71,50 +70,7 @@ keras_ops = types.SimpleNamespace(
 """The ``xp`` namespace of ``gradguard.ops`` on ``keras.ops``; works inside tf.function and jax.jit."""
 
 
-# ---------------------------------------------------------------------------------- state layout
-
-class StateLayout:
-    """The core's state dict packed into one float32 vector: one Variable, one read and one
-    write per step, one copy to the host on a log step."""
-
-    def __init__(self, template: dict[str, np.ndarray]):
-        self.keys = list(template)
-        self.shapes = {k: np.shape(v) for k, v in template.items()}
-        self.slices = {}
-        offset = 0
-        for k in self.keys:
-            n = int(np.prod(self.shapes[k], dtype=np.int64)) if self.shapes[k] else 1
-            self.slices[k] = (offset, n)
-            offset += n
-        self.size = offset
-
-    def pack_np(self, state: dict[str, Any]) -> np.ndarray:
-        return np.concatenate([np.asarray(state[k], np.float32).reshape(-1) for k in self.keys]).astype(np.float32)
-
-    def unpack_np(self, vec: np.ndarray) -> dict[str, np.ndarray]:
-        out = {}
-        for k in self.keys:
-            o, n = self.slices[k]
-            out[k] = vec[o] if not self.shapes[k] else vec[o:o + n].reshape(self.shapes[k])
-        return out
-
-    def unpack(self, vec) -> dict[str, Any]:
-        out = {}
-        for k in self.keys:
-            o, n = self.slices[k]
-            shape = self.shapes[k]
-            out[k] = vec[o] if not shape else vec[o:o + n] if len(shape) == 1 else ops.reshape(vec[o:o + n], shape)
-        return out
-
-    def pack(self, state: dict[str, Any]):
-        parts = []
-        for k in self.keys:
-            v = state[k]
-            if isinstance(v, (int, float)):
-                v = np.float32(v)
-            parts.append(ops.reshape(ops.cast(v, F32), (-1,)))
-        return ops.concatenate(parts, axis=0)
-
+# ---------------------------------------------------------------------------------- log-step extras
 
 class ExtrasLayout:
     """What the log-step conditional writes: [step, finite, norm_sq(L), max_abs(L), zeros(L),
@@ -144,8 +100,9 @@ class ExtrasLayout:
             counts = vec[o:o + HIST_BINS]
             lo, hi = vec[o + HIST_BINS], vec[o + HIST_BINS + 1]
             o += HIST_BINS + 2
-            if counts.sum() > 0 and np.isfinite(lo) and np.isfinite(hi):
-                hist[i] = (counts.astype(np.int64), np.linspace(lo, hi, HIST_BINS + 1))
+            h = pipeline.histogram_from_counts(counts, lo, hi)
+            if h is not None:
+                hist[i] = h
         out["hist"] = hist
         return out
 
@@ -187,22 +144,21 @@ class ApplyHook:
         self.traces = 0  # how many times the step was traced (eager backends: called)
         self.step_finite = None  # this step's finite flag (tensor) while a step is traced/run
 
-    def configure(self, *, layers, layer_of_var: dict[int, int], unit_kernel: dict[int, int],
-                  unit_bias: dict[int, int] | None = None, policy: ClipPolicy,
+    def configure(self, *, layout: pipeline.StateLayout, layers, layer_of_var: dict[int, int],
+                  unit_kernel: dict[int, int], policy: ClipPolicy,
                   tracker: stats.TrackerConfig, skip_nonfinite: bool, apply_clip: bool, snapshot_every: int,
                   hist_layers: Sequence[int], measure_updates: bool) -> None:
         self.layers = list(layers)
         self.n_layers = len(self.layers)
         self.layer_of_var = dict(layer_of_var)
         self.unit_kernel = dict(unit_kernel)
-        self.unit_bias = dict(unit_bias or {})
         self.policy = policy
         self.tracker = tracker
         self.skip_nonfinite = skip_nonfinite
         self.apply_clip = apply_clip
         self.snapshot_every = int(snapshot_every)
         self.measure_updates = measure_updates
-        self.layout = StateLayout(stats.init_state(self.n_layers, policy))
+        self.layout = layout  # the core's packing of the state into one vector
         self.unit_sizes = {i: int(self.layers[i].units) for i in self.unit_kernel}
         self.extras_layout = ExtrasLayout(self.n_layers, self.unit_sizes, hist_layers)
         self.configured = True
@@ -301,6 +257,37 @@ class ApplyHook:
         for i, v in enumerate(theirs):
             v.assign(store[str(i)])
 
+    # ------------------------------------------------------------ forward state (BN statistics)
+
+    def guard_forward_state(self, model) -> None:
+        """A skipped step must leave every piece of model state as it was, including what its
+        forward pass wrote (BatchNormalization's moving statistics): wrap ``model.train_step`` for
+        the fit so that the values from before the step come back when the step is skipped, with
+        no host sync on healthy steps (``_guarded_train_step``, per backend)."""
+        watched = compat.forward_state_variables(model)
+        if not watched or not self._can_guard_forward_state(model):
+            return
+        self._guarded_model, self._watched = model, watched
+        self._orig_train_step = model.__dict__.get("train_step")
+        self._train_step = model.train_step
+        object.__setattr__(model, "train_step", self._guarded_train_step)
+
+    def unguard_forward_state(self) -> None:
+        model = getattr(self, "_guarded_model", None)
+        if model is None:
+            return
+        if self._orig_train_step is None:
+            model.__dict__.pop("train_step", None)
+        else:
+            object.__setattr__(model, "train_step", self._orig_train_step)
+        self._guarded_model = None
+
+    def _can_guard_forward_state(self, model) -> bool:
+        return True
+
+    def _guarded_train_step(self, *args):
+        raise NotImplementedError
+
     # ------------------------------------------------------------ host side
 
     def read(self) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
@@ -387,8 +374,8 @@ class ApplyHook:
         return g
 
     def _device_step(self, state_vec, layer_sq, has_grad):
-        scale, finite, new_state = stats.device_step(self.layout.unpack(state_vec), layer_sq, has_grad,
-                                                    self.policy, self.xp, self.tracker)
+        scale, finite, new_state = stats.device_step(self.layout.unpack(state_vec, ops.reshape), layer_sq,
+                                                    has_grad, self.policy, self.xp, self.tracker)
         return scale, finite, self.pack(new_state)
 
     def _unitwise(self, grads, present, meas, pvars):
@@ -438,8 +425,7 @@ class ApplyHook:
         counter.assign(counter - (self.accumulation - 1))
 
     def _is_snap(self, step_now):
-        """The log steps: the first step (the initial depth profile and the first update, where a
-        learning rate or an init wrong from the start shows), then every ``snapshot_every``-th."""
+        """``pipeline.is_log_step`` in-graph: the first step, then every ``snapshot_every``-th."""
         return ops.logical_or(ops.equal(step_now, 0), ops.equal(ops.mod(step_now + 1, self.snapshot_every), 0))
 
     # ------------------------------------------------------------ primitives (overridden per backend)
@@ -456,7 +442,7 @@ class ApplyHook:
         return layer_sq, ops.convert_to_tensor(np.array([1.0 if p else 0.0 for p in per_layer], np.float32))
 
     def pack(self, state):
-        return self.layout.pack(state)
+        return self.layout.pack(state, _flat_f32, lambda parts: ops.concatenate(parts, axis=0))
 
     def value_now(self, variable):
         """The variable's value now."""
@@ -515,27 +501,20 @@ class ApplyHook:
             o = 0
             for (i, _, n), li in zip(step.samples, step.lidx):
                 if li >= 0:
-                    factor = math.prod(step.pvars[i].shape) / n
-                    w_parts[li].append(ops.sum(ops.square(prev[o:o + n])) * factor)
-                    u_parts[li].append(ops.sum(ops.square(after[o:o + n] - prev[o:o + n])) * factor)
+                    numel = math.prod(step.pvars[i].shape)
+                    w_parts[li].append(pipeline.update_sq_from_sample(ops.sum(ops.square(prev[o:o + n])), numel, n))
+                    u_parts[li].append(pipeline.update_sq_from_sample(
+                        ops.sum(ops.square(after[o:o + n] - prev[o:o + n])), numel, n))
                 o += n
             weight_sq = ops.stack([_add(p) if p else zero for p in w_parts])
             update_sq = ops.stack([_add(p) if p else zero for p in u_parts])
         unknown = ops.full((L,), np.nan, F32)
         parts = [ops.reshape(ops.cast(step_now, F32), (1,)), ops.reshape(finite, (1,)), step.layer_sq,
                  unknown, unknown, weight_sq, update_sq]
-        by_id = {id(v): m for v, m in zip(step.pvars, step.meas)}
-        for li, kid in self.unit_kernel.items():
-            # A unit is dead when its bias gets exactly zero gradient (tiny to test, and a ReLU unit
-            # that is off for every input gets none); a layer without a bias: its kernel columns.
-            bias, kernel = by_id.get(self.unit_bias.get(li)), by_id.get(kid)
-            if bias is not None and self.is_dense(bias):
-                parts.append(ops.cast(ops.equal(bias, 0.0), F32))
-            elif kernel is not None and self.is_dense(kernel):
-                axes = tuple(range(len(kernel.shape) - 1))
-                parts.append(ops.cast(ops.equal(ops.max(ops.abs(kernel), axis=axes), 0.0), F32))
-            else:
-                parts.append(ops.zeros((self.unit_sizes[li],), F32))
+        if self.unit_kernel:  # the core's DEAD_UNIT_RULE, on log steps only
+            size = sum(self.unit_sizes.values())
+            parts.append(self.cond(is_snap, lambda: ops.concatenate(self._dead_units(step), axis=0),
+                                   lambda: ops.zeros((size,), F32)))
         if self.extras_layout.hist_layers:
             size = len(self.extras_layout.hist_layers) * (HIST_BINS + 2)
             parts.append(self.cond(is_snap, lambda: ops.concatenate(self._histograms(step.meas, step.lidx), axis=0),
@@ -543,14 +522,24 @@ class ApplyHook:
         return ops.concatenate(parts, axis=0)
 
     def _sample_plan(self, pvars):
-        """Per variable: (index, stride, count) of at most 4096 elements (torch takes them strided;
-        TF/JAX take the first ``count`` contiguous ones, which XLA and TF read far cheaper)."""
-        plan = []
-        for i, v in enumerate(pvars):
-            numel = int(math.prod(v.shape))
-            stride = max(1, numel // _UPDATE_SAMPLE)
-            plan.append((i, stride, len(range(0, numel, stride))))
-        return plan
+        """Per variable: (index, stride, count) of the core's update sample (torch takes them
+        strided; TF/JAX take the first ``count`` contiguous ones, which XLA and TF read far cheaper)."""
+        plan = pipeline.sample_plan([math.prod(v.shape) for v in pvars])
+        return [(i, stride, count) for i, (stride, count) in enumerate(plan)]
+
+    def _dead_units(self, step):
+        """``pipeline.DEAD_UNIT_RULE``: a unit is dead when its whole kernel column (Keras keeps the
+        output units on a kernel's last axis) got exactly zero gradient. 1.0 per dead unit."""
+        by_id = {id(v): m for v, m in zip(step.pvars, step.meas)}
+        parts = []
+        for li, kid in self.unit_kernel.items():
+            kernel = by_id.get(kid)
+            if kernel is None or not self.is_dense(kernel):
+                parts.append(ops.zeros((self.unit_sizes[li],), F32))
+                continue
+            axes = tuple(range(len(kernel.shape) - 1))
+            parts.append(ops.cast(ops.equal(ops.max(ops.abs(kernel), axis=axes), 0.0), F32))
+        return parts
 
     def _histograms(self, meas, lidx):
         parts = []
@@ -561,8 +550,14 @@ class ApplyHook:
         return parts
 
 
+def _flat_f32(v):
+    if isinstance(v, (int, float)):
+        v = np.float32(v)
+    return ops.reshape(ops.cast(v, F32), (-1,))
+
+
 def _histogram(vals):
-    """64 equal bins between the finite minimum and maximum (np.histogram's convention)."""
+    """``HIST_BINS`` equal bins between the finite minimum and maximum (np.histogram's convention)."""
     ok = ops.isfinite(vals)
     lo = ops.min(ops.where(ok, vals, np.float32(np.inf)))
     hi = ops.max(ops.where(ok, vals, np.float32(-np.inf)))

@@ -553,7 +553,7 @@ def case_accumulation():
     before = weights(model)
     model.fit(x[:8 * BATCH], y[:8 * BATCH], batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb, rec])
     out["clip"] = {
-        "steps": cb.totals["steps"], "iterations": int(model.optimizer.iterations.numpy()),
+        "steps": cb.totals["steps"], "iterations": int(np.asarray(model.optimizer.iterations)),
         "still_during_window": all(np.array_equal(a, b) for i in (0, 1, 2) for a, b in zip(rec.weights[i], before)),
         "applied_first": _applied_norm(rec.weights[3], before, lr),
         "applied_second": _applied_norm(rec.weights[7], rec.weights[3], lr),
@@ -568,7 +568,7 @@ def case_accumulation():
     model.fit(xp, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb, rec])
     out["skip"] = {
         "steps": cb.totals["steps"], "skipped": cb.skipped_steps, "findings": findings(cb),
-        "iterations": int(model.optimizer.iterations.numpy()), "finite": all_finite(weights(model)),
+        "iterations": int(np.asarray(model.optimizer.iterations)), "finite": all_finite(weights(model)),
         "opt_finite": all_finite(opt_values(model)),
         "skip_kept_weights": all(np.array_equal(a, b) for a, b in zip(rec.weights[7], rec.weights[3])),
         "next_moved": not all(np.array_equal(a, b) for a, b in zip(rec.weights[11], rec.weights[7]))}

@@ -737,6 +737,20 @@ def case_surface():
     cb.close()
     return out
 
+
+def case_dead_units():
+    """Three quarters of hidden_1's ReLU units switched off for every input (bias -50): their
+    kernel columns get exactly zero gradient, the core's DEAD_UNIT_RULE, on every backend."""
+    x, y = digits()
+    model = compile_(mlp(3, "relu"), keras.optimizers.SGD(0.01))
+    layer = model.get_layer("hidden_1")
+    bias = np.array(layer.bias.numpy())
+    bias[: 3 * len(bias) // 4] = -50.0
+    layer.bias.assign(bias)
+    cb = GradGuardCallback(log_every_n_steps=4)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    return {"findings": findings(cb)}
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

@@ -9,55 +9,19 @@ Like test_keras.py: each backend runs its cases from ``tests/keras_cases.py`` in
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BACKENDS = ("tensorflow", "jax", "torch")
+from keras_runner import BACKENDS, CaseRunner
+
 CASES = ["accumulation", "fine_tune", "other_model", "pure_look", "clip_change", "policies", "bn_skip",
-         "lstm_names", "surface"]
-
-_procs: dict[str, subprocess.Popen] = {}
-_results: dict[str, dict] = {}
-
-
-def _start_all():
-    if _procs:
-        return
-    for backend in BACKENDS:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
-        env.pop("XLA_FLAGS", None)
-        _procs[backend] = subprocess.Popen([sys.executable, os.path.join(HERE, "keras_cases.py"), *CASES],
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                           cwd=HERE)
+         "lstm_names", "surface", "dead_units"]
+_runner = CaseRunner({backend: CASES for backend in BACKENDS})
 
 
 def case(backend: str, name: str) -> dict:
-    if backend not in _results:
-        _start_all()
-        try:
-            out, err = _procs[backend].communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            _procs[backend].kill()
-            out, err = _procs[backend].communicate()
-        cases = {}
-        for line in out.splitlines():
-            if line.startswith("CASE "):
-                r = json.loads(line[5:])
-                cases[r["case"]] = r
-        _results[backend] = {"cases": cases, "stderr": err, "returncode": _procs[backend].returncode}
-    run = _results[backend]
-    r = run["cases"].get(name)
-    if r is None:
-        pytest.fail(f"{backend}: case {name!r} did not report (exit {run['returncode']}):\n{run['stderr'][-4000:]}")
-    if not r["ok"]:
-        pytest.fail(f"{backend}: case {name!r} raised:\n{r['error']}")
-    return r["result"]
+    return _runner.case(backend, name)
 
 
 def kinds(findings) -> list[str]:
@@ -165,3 +129,10 @@ def test_one_options_surface(backend):
     assert r["measure_updates"] is not None and "measure_updates" in r["measure_updates"] and "'no'" in r["measure_updates"]
     assert r["numpy_int"] == 7
     assert r["before_fit"] == {"findings": [], "totals": {}, "skipped": 0, "history": [], "layers": []}
+
+
+@backends
+def test_dead_units_by_the_core_rule(backend):
+    r = case(backend, "dead_units")
+    dead = [f for f in r["findings"] if f["kind"] == "dead"]
+    assert len(dead) == 1 and dead[0]["layers"] == ["hidden_1"], r["findings"]

@@ -559,7 +559,20 @@ def case_accumulation():
         "applied_second": _applied_norm(rec.weights[7], rec.weights[3], lr),
         "raw_norms": [l.get("grad/norm/global") for l in rec.logs],
         "clipped": cb.totals["clipped"], "policy": cb.active_policy.name}
-    # (b) a NaN in one micro-batch of the second window: that optimizer step is skipped.
+    # (b) AGC on the accumulated gradient: no unit moved more than 1% of its weight norm (x lr).
+    model = compile_(mlp(3, "relu", init=0.3), keras.optimizers.SGD(lr, gradient_accumulation_steps=k))
+    before = weights(model)
+    rec = Recorder(batches=(3,))
+    model.fit(x[:4 * BATCH], y[:4 * BATCH], batch_size=BATCH, epochs=1, verbose=0, shuffle=False,
+              callbacks=[GradGuardCallback(clip="agc", log_every_n_steps=1), rec])
+    worst = 0.0
+    for a, b in zip(rec.weights[3], before):
+        axes = tuple(range(a.ndim - 1))
+        step_norm = np.sqrt(np.sum((a - b) ** 2, axis=axes)) if axes else np.abs(a - b)
+        w_norm = np.sqrt(np.sum(b ** 2, axis=axes)) if axes else np.abs(b)
+        worst = max(worst, float(np.max(step_norm / lr / (0.01 * np.maximum(w_norm, 1e-3)))))
+    out["agc"] = {"worst_unit_ratio": worst, "moved": _applied_norm(rec.weights[3], before, lr)}
+    # (c) a NaN in one micro-batch of the second window: that optimizer step is skipped.
     xp = x.copy()
     xp[5 * BATCH + 2, 3] = np.nan
     model = compile_(mlp(3, "relu"), keras.optimizers.SGD(0.05, momentum=0.9, gradient_accumulation_steps=k))
@@ -572,6 +585,28 @@ def case_accumulation():
         "opt_finite": all_finite(opt_values(model)),
         "skip_kept_weights": all(np.array_equal(a, b) for a, b in zip(rec.weights[7], rec.weights[3])),
         "next_moved": not all(np.array_equal(a, b) for a, b in zip(rec.weights[11], rec.weights[7]))}
+    return out
+
+
+def case_other_shapes():
+    """A state dict from a model with the same layer names but other shapes is refused at fit
+    start, naming the layer; one with no layer in common too."""
+    x, y = digits()
+    model = compile_(mlp(2, "relu"), keras.optimizers.SGD(0.05))
+    cb = GradGuardCallback(log_every_n_steps=5)
+    model.fit(x[:4 * BATCH], y[:4 * BATCH], batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    state = json.loads(json.dumps(cb.state_dict()))
+    out = {}
+    renamed = keras.Sequential([keras.Input((64,))] + [keras.layers.Dense(10, name=f"x{i}") for i in range(2)])
+    for name, other in (("wider", mlp(2, "relu", width=32)), ("renamed", renamed)):
+        compile_(other, keras.optimizers.SGD(0.05))
+        cb2 = GradGuardCallback(log_every_n_steps=5)
+        cb2.load_state_dict(state)
+        try:
+            other.fit(x[:2 * BATCH], y[:2 * BATCH], batch_size=BATCH, epochs=1, verbose=0, callbacks=[cb2])
+            out[name] = None
+        except ValueError as exc:
+            out[name] = str(exc)
     return out
 
 

@@ -16,7 +16,7 @@ import pytest
 from keras_runner import BACKENDS, CaseRunner
 
 CASES = ["accumulation", "fine_tune", "other_model", "pure_look", "clip_change", "policies", "bn_skip",
-         "lstm_names", "surface", "dead_units"]
+         "lstm_names", "surface", "dead_units", "other_shapes"]
 _runner = CaseRunner({backend: CASES for backend in BACKENDS})
 
 
@@ -43,6 +43,8 @@ def test_gradient_accumulation_measures_clips_and_skips_per_optimizer_step(backe
     assert c["clipped"] == 2 and c["policy"] == "fixed"
     raw = [float(v) for v in c["raw_norms"] if v is not None]
     assert len(raw) == 2 and all(v > 0.5 for v in raw)  # logged once per optimizer step
+    agc = r["agc"]
+    assert agc["worst_unit_ratio"] <= 1.001 and agc["moved"] > 0
     s = r["skip"]  # 16 micro-batches: 4 optimizer steps, the second poisoned
     assert s["steps"] == 4 and s["skipped"] == 1
     assert s["iterations"] == 3  # the optimizer (and its schedule) never counted the skipped step
@@ -136,3 +138,10 @@ def test_dead_units_by_the_core_rule(backend):
     r = case(backend, "dead_units")
     dead = [f for f in r["findings"] if f["kind"] == "dead"]
     assert len(dead) == 1 and dead[0]["layers"] == ["hidden_1"], r["findings"]
+
+
+@backends
+def test_state_of_another_model_is_refused(backend):
+    r = case(backend, "other_shapes")
+    assert r["wider"] is not None and "hidden_0" in r["wider"] and "different model" in r["wider"]
+    assert r["renamed"] is not None and "no layer in common" in r["renamed"]

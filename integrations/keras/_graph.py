@@ -328,7 +328,7 @@ class ApplyHook:
             step.is_update = self._is_update_step()
         step.meas = self.aggregate([self._measured(g) for g in raw])
         if self.policy.unitwise is not None:  # the statistics are of the raw gradients
-            step.grads = self._unitwise(grads, present, step.meas, step.pvars)
+            step.grads = self._unitwise(step)
         key = tuple(id(v) for v in step.pvars)
         if getattr(self, "_plan_key", None) != key:  # eager torch calls this every step
             self._plan_key, self._plan = key, self._sample_plan(step.pvars)
@@ -378,13 +378,14 @@ class ApplyHook:
                                                     has_grad, self.policy, self.xp, self.tracker)
         return scale, finite, self.pack(new_state)
 
-    def _unitwise(self, grads, present, meas, pvars):
+    def _unitwise(self, step):
         """Unit-wise rules (AGC): each output unit's gradient against its weights. Keras kernels keep
         the output units on their last axis (Dense, Conv), so a unit's norm is taken over the other
         axes; a bias is unit-wise elementwise. The gradient norms are those of the measured
-        gradients (all-reduced under tf.distribute, unscaled by ``loss_scale_factor``)."""
-        rule, out = self.policy.unitwise, list(grads)
-        for i, m, v in zip(present, meas, pvars):
+        gradients (all-reduced under tf.distribute, unscaled by ``loss_scale_factor``; under
+        accumulation the window's mean, scaled on the update step only)."""
+        rule, grads, out = self.policy.unitwise, step.grads, list(step.grads)
+        for j, (i, m, v) in enumerate(zip(step.present, step.meas, step.pvars)):
             g = grads[i]
             if not self.is_dense(g) or tuple(m.shape) != tuple(g.shape):
                 continue  # embedding rows as IndexedSlices: left alone
@@ -395,7 +396,13 @@ class ApplyHook:
                 w_norm = ops.sqrt(ops.sum(ops.square(w), axis=axes, keepdims=True))
             else:
                 g_norm, w_norm = ops.abs(m), ops.abs(w)
-            out[i] = g * ops.cast(rule(g_norm, w_norm, self.xp), g.dtype)
+            factor = ops.cast(rule(g_norm, w_norm, self.xp), g.dtype)
+            if step.acc is None:
+                out[i] = g * factor
+                continue
+            a = ops.cast(self.value_now(step.acc[j]), g.dtype)  # Keras applies (g + a) / k
+            scaled = factor * (g + a) - a
+            out[i] = scaled if step.is_update is None else ops.where(step.is_update, scaled, g)
         return out
 
     def _scaled(self, step, scale):

@@ -91,6 +91,15 @@ class Options:
 
     policy: clipping.ClipPolicy = dataclasses.field(init=False, repr=False, compare=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the resolved policy holds closures: pickle (ddp_spawn) the user's values, resolve again
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "policy", clipping.resolve(self.clip))
+
     @property
     def tracker(self) -> TrackerConfig:
         return self.tracker_config or TrackerConfig()
@@ -122,6 +131,6 @@ class Options:
             for name in unknown:
                 close = difflib.get_close_matches(name, sorted(known | extra), n=1)
                 hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise TypeError(f"{owner} got unknown option(s) {', '.join(hints)}; "
+            raise TypeError(f"{owner} got unexpected keyword argument(s) {', '.join(hints)}; "
                             f"options are {', '.join(sorted(known | extra))}")
         return cls(**{k: v for k, v in kwargs.items() if k in known})

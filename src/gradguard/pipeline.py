@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from gradguard import clipping, stats
 from gradguard.layers import LayerInfo, ModelFacts, check_layers
-from gradguard.monitor import Decision, Monitor
+from gradguard.monitor import Decision, Monitor, warn_user
 from gradguard.options import Options
 from gradguard.sinks import Sink
 
@@ -348,9 +347,9 @@ class Pipeline:
         same_policy = old_pol == new_pol and all(np.shape(old[k]) == np.shape(fresh[k]) for k in new_pol) and (
             old_policy is None or old_policy == self.policy.name)
         if not same_policy:
-            warnings.warn(f"gradguard: the checkpoint's clip policy was {old_policy or old_pol!r}, this run's is "
-                          f"{self.policy.name!r}: the spike tracker, findings and totals carry over, the "
-                          f"{self.policy.name!r} policy starts fresh", UserWarning, stacklevel=3)
+            warn_user(f"gradguard: the checkpoint's clip policy was {old_policy or old_pol!r}, this run's is "
+                      f"{self.policy.name!r}: the spike tracker, findings and totals carry over, the "
+                      f"{self.policy.name!r} policy starts fresh")
             for k in new_pol:
                 state[k] = fresh[k]
             state["threshold"] = fresh["threshold"]

@@ -397,25 +397,24 @@ class ApplyHook:
             else:
                 g_norm, w_norm = ops.abs(m), ops.abs(w)
             factor = ops.cast(rule(g_norm, w_norm, self.xp), g.dtype)
-            if step.acc is None:
-                out[i] = g * factor
-                continue
-            a = ops.cast(self.value_now(step.acc[j]), g.dtype)  # Keras applies (g + a) / k
-            scaled = factor * (g + a) - a
-            out[i] = scaled if step.is_update is None else ops.where(step.is_update, scaled, g)
+            if step.acc is not None and step.is_update is not None:
+                factor = ops.where(step.is_update, factor, ops.ones_like(factor))  # micro-steps: as they are
+            out[i] = g * factor
+            if step.acc is not None:  # Keras applies (g + acc) / k: the earlier micro-batches alike
+                a = step.acc[j]
+                a.assign(self.value_now(a) * ops.cast(factor, a.dtype))
         return out
 
     def _scaled(self, step, scale):
-        """The gradients to hand to the optimizer so that what it applies is ``scale`` times the
-        gradient it would apply. Under accumulation Keras applies (g + acc) / k, so g becomes
-        scale * g + (scale - 1) * acc."""
+        """The gradients scaled by ``scale``. Under accumulation Keras applies (g + acc) / k, so the
+        accumulators (the window's earlier micro-batches) are scaled alike; only called on update
+        steps, or with scale 1 on micro-steps."""
         out = list(step.grads)
         for j, i in enumerate(step.present):
-            g = self.scale(out[i], scale)
+            out[i] = self.scale(out[i], scale)
             if step.acc is not None:
-                a = self.value_now(step.acc[j])
-                g = ops.add(ops.cast(self.dense(g), a.dtype), a * ops.cast(scale - 1.0, a.dtype))
-            out[i] = g
+                a = step.acc[j]
+                a.assign(self.value_now(a) * ops.cast(scale, a.dtype))
         return out
 
     def _skip_effects(self) -> None:

@@ -212,7 +212,7 @@ def check_sinks(sinks: Any) -> None:
         return
     if isinstance(sinks, (str, os.PathLike)):
         if not os.fspath(sinks):
-            raise ValueError("sinks must be a directory or .jsonl path, got '' (pass None for no sinks)")
+            raise ValueError("sinks='' is not a path: give a directory or a .jsonl file, or sinks=None for no log")
         return
     if isinstance(sinks, Sequence):
         for s in sinks:

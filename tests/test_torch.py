@@ -75,9 +75,12 @@ def test_auto_clipping_rescues_the_same_run():
     losses = train(model, guard, steps=150, opt="sgd", lr=0.5)
     assert all_finite(model) and all(math.isfinite(v) for v in losses)
     assert losses[-1] < 1.0  # it went on learning
-    e = kinds(guard)["exploding"]
-    assert "Clipping is now on" in e.message and e.evidence["spikes"] >= 1
-    assert guard.engine.monitor.totals["clipped"] >= 1 and guard.skipped_steps == 0
+    # The device-side tracker confirmed the excursion and the latch switched clipping on for good; the
+    # clipped excursion lasted 3 steps, so the evidence a finding needs (growth sustained, an overflow,
+    # updates that dwarf the weights) never arose: protection and diagnosis are separate (issue 12).
+    monitor = guard.engine.monitor
+    assert monitor.totals["explosions"] >= 1 and monitor.clip_enabled_step is not None
+    assert monitor.totals["clipped"] >= 1 and guard.skipped_steps == 0
 
 
 def test_dead_relu_units_are_found():

@@ -287,14 +287,16 @@ def summarize(rows: list[dict]) -> str:
             rel = (m / fixed[best] - 1.0) * 100 if best and math.isfinite(m) and fixed[best] > 0 else math.nan
             clipped = "n/a (unit-wise)" if p == "agc" else f"{np.median([r['clipped_steps'] for r in rs]):g}"
             out.append(f"| {p} | {sum(r['diverged'] for r in rs)}/{len(rs)} | {m:.4g} | {worst:.4g} | {clipped} | "
-                       f"{'' if math.isnan(rel) else f'{rel:+.1f}%'} |")
+                       f"{'' if math.isnan(rel) else '> +1000%' if rel > 1000 else f'{rel:+.1f}%'} |")
         if "auto" in pols:
             auto = pols["auto"]
             notes = []
             if survives and any(r["diverged"] for r in auto):
                 notes.append("auto diverged where a fixed threshold survived")
             if best and med(auto) > 1.02 * fixed[best]:
-                notes.append(f"auto's median is {(med(auto) / fixed[best] - 1) * 100:.1f}% above the best fixed threshold")
+                rel = (med(auto) / fixed[best] - 1) * 100
+                notes.append("auto's median is " + ("far" if not rel < 1000 else f"{rel:.1f}%")
+                             + " above the best fixed threshold")
             if scenario == "healthy" and "None" in pols:
                 same = all(a["final_loss"] == n["final_loss"] for a, n in zip(
                     sorted(auto, key=lambda r: r["seed"]), sorted(pols["None"], key=lambda r: r["seed"])))

@@ -428,9 +428,15 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
             del rising[:-cfg.divergence_windows]
             state["segment"] = [window.last_step + 1, 0, 0.0]
             floor = state.get("floor")
-            update_grew = ratio is None or (base_update is not None
-                                            and ratio >= cfg.explosion_update_growth * base_update)
-            if (floor is not None and floor > 0 and mean >= cfg.divergence_factor * floor
+            # the update compared with the run's typical update when its norm was at its lowest (a running
+            # baseline would follow a slow rise)
+            before = state.get("floor_update")
+            update_grew = ratio is None or (before is not None and ratio >= cfg.explosion_update_growth * before)
+            # ...and well above where the run started too: a healthy run whose gradient fell 100x as its
+            # loss went to zero and then rose back towards its early level is not diverging.
+            early = state.get("early")
+            above_start = early is None or mean >= math.sqrt(cfg.divergence_factor) * early
+            if (floor is not None and floor > 0 and mean >= cfg.divergence_factor * floor and above_start
                     and len(rising) >= cfg.divergence_windows and update_grew):
                 span = window.last_step - rising[0][0] + 1
                 reasons.append(f"the global gradient norm has grown {mean / floor:.3g}x over its lowest level "
@@ -438,7 +444,9 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
                 step = window.last_step if step is None else min(step, window.last_step)
                 evidence.update(growth_over_floor=mean / floor, rising_for_steps=span)
             if seg[0] >= cfg.min_steps and mean > 0:  # the first steps' norm is the init's, not the run's level
-                state["floor"] = mean if floor is None else min(floor, mean)
+                if floor is None or mean < floor:
+                    state["floor"], state["floor_update"] = mean, base_update if base_update is not None else ratio
+                state.setdefault("early", mean)
 
     # The run's own baselines, from log steps with nothing unusual in their window.
     if quiet and math.isfinite(level) and level > 0:

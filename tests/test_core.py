@@ -226,3 +226,149 @@ def test_escaping_a_plateau_is_not_an_explosion():
     scales, state = run_steps(norms, clipping.auto())
     w = stats.WindowStats.from_state(state, 0)
     assert w.spikes == 0 and w.explosions == 0 and (scales == 1.0).all()
+
+
+# ---------------------------------------------------------------------------------- the one pipeline
+
+from gradguard import pipeline  # noqa: E402
+from gradguard.options import Options  # noqa: E402
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"max_logged_layers": -1}, ValueError), ({"max_logged_layers": 1}, ValueError),
+    ({"max_logged_layers": 2.5}, ValueError), ({"measure_updates": "no"}, TypeError),
+    ({"log_every_n_steps": 0}, ValueError), ({"log_every_n_steps": 2.0}, ValueError),
+    ({"skip_nonfinite": 1}, TypeError), ({"histograms": "yes"}, TypeError), ({"clip": "fast"}, ValueError),
+    ({"detector_config": {}}, TypeError),
+])
+def test_options_are_checked_when_made(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        Options(**kwargs)
+
+
+def test_options_accept_numpy_integers_and_name_unknown_ones():
+    opts = Options.of("GradGuard", {"log_every_n_steps": np.int64(5), "max_logged_layers": np.int32(4)})
+    assert opts.log_every_n_steps == 5 and type(opts.log_every_n_steps) is int and opts.max_logged_layers == 4
+    with pytest.raises(TypeError, match=r"'clp' \(did you mean 'clip'\?\)"):
+        Options.of("GradGuard", {"clp": "auto"})
+    assert Options.of("X", {"wandb": True}, extra=["wandb"]).clip == "auto"
+    assert Options().every() == 50 and Options().every(host_default=7) == 7 and Options(log_every_n_steps=3).every(7) == 3
+
+
+def test_public_exports_hold_no_internals():
+    assert "Signals" in gradguard.__all__ and "Monitor" not in gradguard.__all__
+    assert "WindowStats" not in gradguard.__all__ and "auto" not in gradguard.__all__
+    assert all(hasattr(gradguard, n) for n in gradguard.__all__)
+
+
+def test_custom_policy_state_key_named_enabled_is_left_alone():
+    """Only the field a policy declares as its latch is ever written from outside it."""
+    def init():
+        return {"enabled": 0.25}
+
+    def update(state, norm, signals, xp):
+        return clipping.INF, {"enabled": state["enabled"]}
+
+    custom = clipping.ClipPolicy("mine", init, update, "custom")
+    # spike then NaN: the auto latch would close here
+    scales, state = run_steps([1.0] * 20 + [1000.0, math.nan], custom)
+    assert float(state["clip_enabled"]) == pytest.approx(0.25)
+    _, auto_state = run_steps([1.0] * 20 + [1000.0, math.nan], clipping.auto())
+    assert float(auto_state["clip_enabled"]) == 1.0
+
+
+def test_policies_say_what_they_do_through_fields():
+    assert clipping.auto().latch == "enabled" and clipping.zscore().latch is None
+    assert not clipping.agc().scales_global and clipping.agc().unitwise is not None
+    assert not clipping.no_clipping().scales_global and clipping.fixed(1.0).scales_global
+    assert isinstance(clipping.zscore().init(), clipping.ZScoreState)
+
+
+def test_state_layout_round_trip():
+    layout = pipeline.StateLayout(stats.init_state(3, clipping.percentile(history=5)))
+    state = stats.init_state(3, clipping.percentile(history=5))
+    state["acc_sum"] = np.arange(16, dtype=np.float32).reshape(4, 4)
+    vec = layout.pack_np(state)
+    assert vec.shape == (layout.size,)
+    back = layout.unpack_np(vec)
+    assert all(np.array_equal(np.asarray(back[k]), np.asarray(state[k])) for k in state)
+    assert layout.fits(back)
+
+
+def test_log_step_rule():
+    assert [s for s in range(10) if pipeline.is_log_step(s, 4)] == [0, 3, 7]
+    assert [s for s in range(10) if pipeline.is_report_step(s, 4)] == [3, 7]
+    assert [s for s in range(3) if pipeline.is_report_step(s, 1)] == [0, 1, 2]
+
+
+def test_sampling_dead_units_histograms():
+    assert pipeline.sample_plan([10, 4096, 10_000]) == [(1, 10), (1, 4096), (2, 5000)]
+    assert pipeline.update_sq_from_sample(2.0, 10_000, 5000) == 4.0
+    assert pipeline.dead_units(np.array([0.0, 1e-30, 0.0])).tolist() == [True, False, True]
+    counts, edges = pipeline.histogram(np.array([0.0, 1.0, np.nan, 0.5]))
+    assert counts.sum() == 3 and len(edges) == pipeline.HIST_BINS + 1
+    assert pipeline.histogram(np.array([np.inf])) is None
+
+
+def feed(pipe, state, norms_per_layer):
+    for layer_norms in norms_per_layer:
+        sq = np.square(np.asarray(layer_norms, np.float32))
+        _, _, state = stats.device_step(state, sq, np.ones(len(sq), np.float32), pipe.policy, xp, pipe.tracker)
+        pipe.step += 1
+    return state
+
+
+def test_snapshot_from_sums_masks_layers_without_gradient():
+    layers = make_layers(3)
+    snap = pipeline.snapshot_from_sums(layers, pipeline.LayerSums(
+        has_grad=np.array([True, False, True]), norm_sq=np.array([4.0, 0.0, 9.0]),
+        max_abs=np.array([1.0, 0.0, 2.0]), zeros=np.array([10.0, 0.0, 0.0]), weight_sq=np.array([1.0, 1.0, 4.0])))
+    assert snap.norm[0] == 2.0 and math.isnan(snap.norm[1]) and snap.rms[2] == pytest.approx(3.0 / 10.0)
+    assert snap.zero_frac[0] == pytest.approx(0.1) and snap.weight_norm.tolist() == [1.0, 1.0, 2.0]
+    assert snap.update_norm is None
+
+
+def test_pipeline_observe_restarts_window_and_peek_changes_nothing(tmp_path):
+    sink = gradguard.JsonlSink(tmp_path)
+    pipe = pipeline.Pipeline(make_layers(4), gradguard.ModelFacts(), Options(log_every_n_steps=5), sinks=[sink])
+    state = feed(pipe, pipe.initial_state(), [[1e-9, 1e-6, 1e-3, 1.0]] * 12)
+    before = (pipe.monitor.state_dict(), sorted(tmp_path.iterdir()))
+    found, totals = pipe.monitor.peek(pipe.window(state, pipe.step - 1))
+    assert [f.kind for f in found] == ["vanishing"] and totals["steps"] == 12
+    assert pipe.monitor.state_dict() == before[0] and pipe.monitor.findings == []
+    with pytest.warns(gradguard.GradGuardWarning, match="vanishing") as caught:
+        decision, fresh = pipe.observe(pipe.layout.pack_np(state), pipe.step - 1)
+    assert caught[0].filename == __file__  # located at the user's line, not inside gradguard
+    assert [f.kind for f in decision.new_findings] == ["vanishing"]
+    assert float(fresh["acc_steps"]) == 0 and float(fresh["trk_count"]) == 12
+
+
+def test_restore_follows_layers_by_name_and_refuses_other_shapes():
+    opts = Options(clip="auto")
+    a = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), opts)
+    state = feed(a, a.initial_state(), [[1.0, 2.0, 3.0]] * 4)
+    saved = a.state_dict({k: np.asarray(v).tolist() for k, v in state.items()})
+    saved = json.loads(json.dumps(saved))
+    # l1 left, l3 joined
+    layers = [gradguard.LayerInfo(n, "Linear", 100, fan_in=10, units=10) for n in ("l0", "l2", "l3")]
+    b = pipeline.Pipeline(layers, gradguard.ModelFacts(), opts)
+    got = b.restore(saved)
+    assert b.step == 4 and b.layout.fits({k: got[k] for k in b.layout.keys})
+    np.testing.assert_allclose(got["acc_sum"][0], [4.0, 12.0, 0.0, 4 * math.sqrt(14)], rtol=1e-5)
+    assert float(got["trk_count"]) == 4
+    other = [gradguard.LayerInfo("l0", "Linear", 200, fan_in=20, units=10)]
+    with pytest.raises(ValueError, match="'l0' had 100 parameters, this model's has 200"):
+        pipeline.Pipeline(other, gradguard.ModelFacts(), opts).restore(saved)
+
+
+def test_restore_under_another_policy_carries_tracker_and_starts_policy_fresh():
+    a = pipeline.Pipeline(make_layers(2), gradguard.ModelFacts(), Options(clip="auto"))
+    state = feed(a, a.initial_state(), [[1.0, 1.0]] * 6)
+    saved = a.state_dict(state)
+    for clip in ("zscore", 1.0, "percentile", None):
+        b = pipeline.Pipeline(make_layers(2), gradguard.ModelFacts(), Options(clip=clip))
+        with pytest.warns(UserWarning, match="'auto'"):
+            got = b.restore(saved)
+        assert float(got["trk_count"]) == 6 and "clip_enabled" not in got
+        state_b = feed(b, got, [[1.0, 1.0]])  # the new policy runs from its fresh state
+        assert float(state_b["trk_count"]) == 7

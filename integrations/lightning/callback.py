@@ -13,12 +13,12 @@ Hook points, per optimizer step:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
 import tempfile
 import uuid
-import warnings
 import weakref
 from typing import Any
 
@@ -27,6 +27,8 @@ import torch
 
 from gradguard import clipping
 from gradguard.findings import Finding
+from gradguard.monitor import warn_user
+from gradguard.options import Options
 from gradguard.sinks import LogRecord, Sink, make_sinks
 from gradguard.torch import TorchEngine
 
@@ -65,7 +67,9 @@ def _is(obj: Any, class_name: str) -> bool:
 
 # Strategies that shard gradients or own the optimizer step: a rank's gradients are not the
 # all-reduced full gradients this callback needs.
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+# ModelParallelStrategy (FSDP2, DTensor parameters) is supported: the engine reduces its sums over the shard
+# groups. FSDPStrategy (FSDP1) keeps flattened local shards whose layer shapes the engine cannot see yet.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
 def _trainer_clips(max_norm: float) -> clipping.ClipPolicy:
@@ -107,16 +111,21 @@ def _remove_if_exists(path: str, owner_pid: int) -> None:
 class GradGuardCallback(*_callback_bases()):
     """Watch, diagnose and protect the gradients of a LightningModule.
 
+    Every option is keyword-only and the same as ``gradguard.torch.GradGuard``'s (one
+    ``gradguard.Options``); an unknown name raises ``TypeError``.
+
     Args:
         clip: ``"auto"`` (default: off until a spike or explosion, then adaptive), ``"zscore"`` (ZClip),
-            a float (fixed max global norm), ``None`` (measure only), or a ``gradguard.ClipPolicy``.
+            ``"percentile"`` (AutoClip), ``"agc"`` (unit-wise, NFNets), a float (fixed max global
+            norm), ``None`` (measure only), or a ``gradguard.ClipPolicy``.
             If the Trainer clips (``gradient_clip_val``), the callback does not clip a second time:
             it measures the raw gradients and reports the Trainer's threshold.
         log_every_n_steps: optimizer steps between log steps (statistics leave the device, detectors
             run, scalars are logged). ``None``: the Trainer's ``log_every_n_steps``, so gradguard's
             rows line up with the Trainer's own.
-        skip_nonfinite: skip an optimizer step whose gradients hold NaN/Inf (weights and optimizer
-            state untouched); on every DDP rank alike, since the gradients are the all-reduced ones.
+        skip_nonfinite: skip an optimizer step whose gradients hold NaN/Inf (weights, optimizer state
+            and BatchNorm running statistics untouched); on every DDP rank alike, since the gradients
+            are the all-reduced ones.
         max_logged_layers: per-layer scalars for at most this many layers, spread over depth, first
             and last always included (``None``: every layer).
         sinks: extra gradguard sinks on global rank zero: ``None``, a directory or ``.jsonl`` path, a
@@ -124,38 +133,23 @@ class GradGuardCallback(*_callback_bases()):
         wandb: W&B extras (histograms, gradient-flow heatmap, alerts, findings in the summary) through
             ``gradguard.wandb.WandbSink``. ``None`` (default): when the Trainer has a ``WandbLogger`` or
             a ``wandb.run`` is active. ``True``: always (raises if wandb is missing). ``False``: never.
-        **engine_options: passed to ``gradguard.torch.TorchEngine`` (``detector_config``,
-            ``tracker_config``, ``measure_updates``, ``histograms``).
+        measure_updates, histograms, detector_config, tracker_config: see ``gradguard.Options``.
+
+    Results (reading them never changes the run): ``findings``, ``totals``, ``skipped_steps``,
+    ``history``, ``layers``; ``close()``.
     """
 
-    def __init__(self, clip: Any = "auto", log_every_n_steps: int | None = None, skip_nonfinite: bool = True,
-                 max_logged_layers: int | None = 32, sinks: Any = None, wandb: bool | None = None,
-                 **engine_options: Any):
-        clipping.resolve(clip)  # raises on a bad value, naming clip=
-        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or
-                                              not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"log_every_n_steps must be None or a positive integer, got {log_every_n_steps!r}")
-        if not isinstance(skip_nonfinite, bool):
-            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
-        if max_logged_layers is not None and (isinstance(max_logged_layers, bool) or
-                                              not isinstance(max_logged_layers, int) or max_logged_layers < 2):
-            raise ValueError(f"max_logged_layers must be None or an int >= 2, got {max_logged_layers!r}")
+    def __init__(self, **options: Any):
+        wandb = options.pop("wandb", None)
         if wandb not in (None, True, False):
             raise TypeError(f"wandb must be None, True or False, got {wandb!r}")
-        allowed = {"detector_config", "tracker_config", "measure_updates", "histograms"}
-        unknown = sorted(set(engine_options) - allowed)
-        if unknown:
-            raise TypeError(f"GradGuardCallback got unexpected keyword argument(s) {unknown}; "
-                            f"engine options are {sorted(allowed)}")
-        if sinks is not None:
-            _check_sinks(sinks)
-        self.clip = clip
-        self.log_every_n_steps = log_every_n_steps
-        self.skip_nonfinite = skip_nonfinite
-        self.max_logged_layers = max_logged_layers
-        self.sinks = sinks
+        self.options = Options.of("GradGuardCallback", options)
+        self.clip = self.options.clip
+        self.log_every_n_steps = self.options.log_every_n_steps
+        self.skip_nonfinite = self.options.skip_nonfinite
+        self.max_logged_layers = self.options.max_logged_layers
+        self.sinks = self.options.sinks
         self.wandb = wandb
-        self.engine_options = engine_options
 
         self._engine: TorchEngine | None = None
         self._pending_state: dict | None = None  # loaded before setup, or carried from a worker process
@@ -179,26 +173,25 @@ class GradGuardCallback(*_callback_bases()):
 
     @property
     def findings(self) -> list[Finding]:
-        """The same ``gradguard.Finding`` list as ``GradGuard.findings``; steps since the last log
-        step are evaluated first."""
-        self._collect_worker_result()
-        if self._engine is not None and self._engine.monitor is not None:
-            if self._live and self._in_step is None:
-                self._engine.flush()
-            return self._engine.monitor.findings
-        state = self._pending_state or {}
-        found = [Finding.from_dict(f) for f in state.get("monitor", {}).get("findings", [])]
-        return sorted(found, key=lambda f: (f.step, f.kind))
+        """The same ``gradguard.Finding`` list as ``GradGuard.findings``; the steps since the last log
+        step are included (evaluated, not judged: reading never writes to the loggers or changes
+        later findings)."""
+        return self._peek()[0]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Counters over the whole run: steps, skipped, nonfinite, clipped, spikes, explosions."""
+        return {k: int(v) for k, v in self._peek()[1].items()}
 
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped for non-finite gradients."""
-        return int(self._totals().get("skipped", 0))
+        return int(self.totals.get("skipped", 0))
 
     @property
-    def totals(self) -> dict[str, int]:
-        """Counters over the whole run: steps, skipped, nonfinite, clipped, spikes."""
-        return {k: int(v) for k, v in self._totals().items()}
+    def layers(self) -> list:
+        """The watched layers in forward order (known after the first optimizer step)."""
+        return self._engine.layers if self._engine is not None else []
 
     @property
     def history(self) -> list:
@@ -209,13 +202,22 @@ class GradGuardCallback(*_callback_bases()):
         rows = (self._pending_state or {}).get("monitor", {}).get("history", [])
         return [(int(step), np.asarray(row, dtype=np.float32)) for step, row in rows]
 
-    def _totals(self) -> dict:
+    def _peek(self) -> tuple[list[Finding], dict]:
         self._collect_worker_result()
-        if self._engine is not None and self._engine.monitor is not None:
-            if self._live and self._in_step is None:
+        if self._engine is not None and self._engine.built:
+            return self._engine.peek()
+        mon = (self._pending_state or {}).get("monitor", {})
+        found = sorted((Finding.from_dict(f) for f in mon.get("findings", [])), key=lambda f: (f.step, f.kind))
+        return found, dict(mon.get("totals", {}))
+
+    def close(self) -> None:
+        """Judge the last partial window, remove the hooks, close the sinks (done by the Trainer at
+        the end of ``fit``; for use outside a Trainer)."""
+        if self._engine is not None and self._live:
+            if self._in_step is None:
                 self._engine.flush()
-            return dict(self._engine.monitor.totals)
-        return dict((self._pending_state or {}).get("monitor", {}).get("totals", {}))
+            self._engine.close()
+            self._live = False
 
     # ------------------------------------------------------------------ setup
 
@@ -224,10 +226,16 @@ class GradGuardCallback(*_callback_bases()):
         ``configure_model`` and the strategy have run."""
         if stage != "fit":
             return
+        ours = [c for c in trainer.callbacks if _is(c, "GradGuardCallback")]
+        if len(ours) > 1:
+            raise ValueError(f"the Trainer holds {len(ours)} GradGuardCallback entries"
+                             f"{' (the same one twice)' if all(c is self for c in ours) else ''}: each optimizer "
+                             "step would be measured, clipped and counted more than once. Pass one callback")
         strategy = trainer.strategy
         for name in _UNSUPPORTED_STRATEGIES:
             if _is(strategy, name):
-                raise ValueError(f"GradGuardCallback supports single-device and DDP strategies, got "
+                raise ValueError(f"GradGuardCallback supports single-device, DDP and ModelParallelStrategy (FSDP2: "
+                                 f"use it instead of FSDPStrategy) strategies, got "
                                  f"strategy={type(strategy).__name__}: it shards the gradients (or owns the "
                                  "optimizer step), so no rank sees the full gradient to measure")
         self._plan = self._clip_plan(trainer, pl_module, bool(trainer.is_global_zero))
@@ -238,16 +246,21 @@ class GradGuardCallback(*_callback_bases()):
             raise ValueError(f"GradGuardCallback watches one optimizer stepping the whole model, got "
                              f"{len(optimizers)} optimizers (manual optimization). Use gradguard.torch.GradGuard "
                              "on each sub-model in training_step instead: guard.step(opt) in place of opt.step().")
+        for opt in optimizers:
+            inner = getattr(opt, "optimizer", opt)  # Lightning wraps optimizers
+            if isinstance(inner, torch.optim.LBFGS):
+                raise TypeError("GradGuardCallback cannot protect LBFGS: it evaluates the closure several times "
+                                "per step (a line search), and each evaluation's gradients reach the weights "
+                                "before any could be measured")
         rank_zero = bool(trainer.is_global_zero)
         policy, clipping_allowed = self._plan or self._clip_plan(trainer, pl_module, rank_zero)
         carry = self._carry_state(pl_module)
         if self._engine is not None and self._live:
             self._engine.close()
-        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        every = self.options.every(getattr(trainer, "log_every_n_steps", None))
         sinks = self._make_sinks(trainer) if rank_zero else []
-        engine = TorchEngine(pl_module, clip=policy, log_every_n_steps=every, skip_nonfinite=self.skip_nonfinite,
-                             sinks=sinks, max_logged_layers=self.max_logged_layers, logging_rank=rank_zero,
-                             **self.engine_options)
+        options = dataclasses.replace(self.options, clip=policy, log_every_n_steps=every, sinks=sinks)
+        engine = TorchEngine(pl_module, options=options, logging_rank=rank_zero)
         engine.clipping_allowed = clipping_allowed
         if carry:
             engine.load_state_dict(carry)
@@ -261,17 +274,17 @@ class GradGuardCallback(*_callback_bases()):
         if self.trainer_clips:
             algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
             if self.clip is not None and rank_zero:
-                warnings.warn(f"gradguard: Trainer(gradient_clip_val={clip_val}) already clips the gradients, so "
-                              f"GradGuardCallback(clip={self.clip!r}) measures only and does not clip a second "
-                              "time. Pass clip=None to silence this, or drop gradient_clip_val to let gradguard "
-                              "clip.", UserWarning, stacklevel=2)
+                warn_user(f"gradguard: Trainer(gradient_clip_val={clip_val}) already clips the gradients, so "
+                          f"GradGuardCallback(clip={self.clip!r}) measures only and does not clip a second "
+                          "time. Pass clip=None to silence this, or drop gradient_clip_val to let gradguard "
+                          "clip.")
             if algorithm == "norm":
                 return _trainer_clips(float(clip_val)), False
             return _trainer_clips_by_value(float(clip_val)), False
         if self.clip is not None and rank_zero and _overrides(pl_module, "configure_gradient_clipping"):
-            warnings.warn(f"gradguard: {type(pl_module).__name__} overrides configure_gradient_clipping. If it "
-                          f"clips, pass GradGuardCallback(clip=None) so the gradients are not clipped twice "
-                          f"(GradGuardCallback clips first, with clip={self.clip!r}).", UserWarning, stacklevel=2)
+            warn_user(f"gradguard: {type(pl_module).__name__} overrides configure_gradient_clipping. If it "
+                      f"clips, pass GradGuardCallback(clip=None) so the gradients are not clipped twice "
+                      f"(GradGuardCallback clips first, with clip={self.clip!r}).")
         return self.clip, True
 
     def _carry_state(self, pl_module: Any) -> dict | None:
@@ -299,6 +312,12 @@ class GradGuardCallback(*_callback_bases()):
                 sinks += [WandbSink(lg.experiment, scalars=False) for lg in wandb_loggers]
             else:
                 sinks.append(WandbSink())
+        # TensorBoardLogger already gets the scalars through the Trainer; add histograms, every step and the heatmap
+        tb_loggers = [lg for lg in trainer.loggers if _is(lg, "TensorBoardLogger")]
+        if tb_loggers:
+            from gradguard.tensorboard import TensorBoardSink
+
+            sinks += [TensorBoardSink(writer=lg.experiment, scalars=False) for lg in tb_loggers]
         return sinks + make_sinks(self.sinks)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -399,15 +418,3 @@ def _overrides(pl_module: Any, method: str) -> bool:
         if method in cls.__dict__:
             return not cls.__module__.startswith(("pytorch_lightning.", "lightning.pytorch."))
     return False
-
-
-def _check_sinks(sinks: Any) -> None:
-    """Validate ``sinks=`` now (the sinks themselves are made at setup, on rank zero)."""
-    if isinstance(sinks, (str, os.PathLike, Sink)):
-        return
-    if isinstance(sinks, (list, tuple)):
-        for s in sinks:
-            _check_sinks(s)
-        return
-    raise TypeError(f"sinks must be None, a path, a gradguard.Sink or a list of them, got {sinks!r}")
-

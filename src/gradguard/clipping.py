@@ -2,12 +2,18 @@
 
 Each rule is written once, against the array namespace ``xp`` (see ``gradguard.ops``), and runs
 on the device inside the host framework: torch tensors in ``gradguard.torch``, ``keras.ops`` inside
-the compiled train step in ``gradguard.keras``. State is a flat ``dict`` of float32 scalars (or fixed-size
-vectors) so that adapters can hold it as tensors or framework Variables and checkpoint it.
+the compiled train step in ``gradguard.keras``. State is a typed ``NamedTuple`` of float32 scalars
+(or fixed-size vectors), in the optax manner, so that adapters can hold it as tensors or framework
+Variables and checkpoint it (a plain ``dict`` is accepted too, for custom policies).
 
 ``update(state, norm, signals, xp) -> (max_norm, new_state)`` receives the global gradient norm of
-this step (finite: non-finite steps never reach a policy) and the spike tracker's signals, and
+this step (finite: non-finite steps never reach a policy) and the spike tracker's ``Signals``, and
 returns the largest global norm allowed this step (``inf`` for "do not clip").
+
+What a policy *is* is said by its fields, never by its name: ``scales_global`` (the adapter applies
+the returned factor to every gradient), ``unitwise`` (the adapter scales units itself) and ``latch``
+(the state field that, once 1.0, keeps clipping switched on; the core closes it on an overflow right
+after a spike and the monitor closes it on an explosion the device tracker did not see).
 """
 
 from __future__ import annotations
@@ -28,16 +34,65 @@ class Signals(NamedTuple):
 
 
 class ClipPolicy(NamedTuple):
+    """A clipping rule: ``init() -> state`` and ``update(state, norm, signals, xp) -> (max_norm, state)``.
+
+    Fields that say what the rule does (adapters and the monitor read these, never ``name``):
+
+    * ``scales_global``: the adapter multiplies the gradients by the factor the core derives from
+      ``max_norm`` (False for rules that never clip the global norm: ``no_clipping``, ``agc``).
+    * ``unitwise``: ``(grad unit norms, weight unit norms, xp) -> factors`` for unit-wise rules (AGC).
+    * ``latch``: name of a 0/1 field of the state that switches clipping on for good (``auto``:
+      ``"enabled"``), or None. Only this field is ever written from outside the policy.
+    """
+
     name: str
-    init: Callable[[], dict[str, float]]
-    update: Callable[[Mapping[str, Any], Any, Signals, Any], tuple[Any, dict[str, Any]]]
+    init: Callable[[], Any]
+    update: Callable[[Any, Any, Signals, Any], tuple[Any, Any]]
     describe: str
-    # Unit-wise rules (AGC) also scale each unit: (grad unit norms, weight unit norms, xp) -> factors.
     unitwise: Callable[[Any, Any, Any], Any] | None = None
+    scales_global: bool = True
+    latch: str | None = None
+
+
+class NoState(NamedTuple):
+    """State of a rule that keeps none."""
+
+
+class FixedState(NamedTuple):
+    max_norm: Any
+
+
+class ZScoreState(NamedTuple):
+    count: Any
+    mean: Any
+    var: Any
+
+
+class AutoState(NamedTuple):
+    enabled: Any  # 1.0 once clipping is switched on (the latch)
+
+
+class PercentileState(NamedTuple):
+    count: Any
+    window: Any  # the last ``history`` global norms, oldest first (inf: not seen yet)
+
+
+def state_fields(state: Any) -> dict[str, Any]:
+    """A policy state (NamedTuple or dict) as a dict of its fields."""
+    return dict(state._asdict()) if hasattr(state, "_asdict") else dict(state)
+
+
+def state_like(template: Any, fields: Mapping[str, Any]) -> Any:
+    """``fields`` rebuilt as the type of ``template`` (a policy's ``init()`` value)."""
+    return type(template)(**fields) if hasattr(template, "_asdict") else dict(fields)
+
+
+def _keep(state, norm, signals, xp):
+    return INF, state
 
 
 def no_clipping() -> ClipPolicy:
-    return ClipPolicy("none", dict, lambda state, norm, signals, xp: (INF, dict(state)), "no clipping")
+    return ClipPolicy("none", NoState, _keep, "no clipping", scales_global=False)
 
 
 def fixed(max_norm: float) -> ClipPolicy:
@@ -45,10 +100,10 @@ def fixed(max_norm: float) -> ClipPolicy:
     max_norm = _positive("clip", max_norm)
 
     def init():
-        return {"max_norm": max_norm}
+        return FixedState(max_norm)
 
     def update(state, norm, signals, xp):
-        return state["max_norm"], dict(state)
+        return state.max_norm, state
 
     return ClipPolicy("fixed", init, update, f"fixed max global norm {max_norm:g}")
 
@@ -66,10 +121,10 @@ def zscore(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, e
         raise ValueError(f"warmup_steps must be a positive integer, got {warmup_steps!r}")
 
     def init():
-        return {"count": 0.0, "mean": 0.0, "var": 0.0}
+        return ZScoreState(0.0, 0.0, 0.0)
 
     def update(state, norm, signals, xp):
-        count, mean, var = state["count"], state["mean"], state["var"]
+        count, mean, var = state
         warm = count >= warmup_steps
         std = xp.sqrt(var)
         z = (norm - mean) / (std + eps)
@@ -83,12 +138,7 @@ def zscore(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, e
         w_var = (var * count + (seen - mean) * (seen - w_mean)) / n
         e_mean = alpha * mean + (1.0 - alpha) * seen
         e_var = alpha * var + (1.0 - alpha) * (seen - e_mean) * (seen - e_mean)
-        new = {
-            "count": count + 1.0,
-            "mean": xp.where(warm, e_mean, w_mean),
-            "var": xp.where(warm, e_var, w_var),
-        }
-        return threshold, new
+        return threshold, ZScoreState(count + 1.0, xp.where(warm, e_mean, w_mean), xp.where(warm, e_var, w_var))
 
     return ClipPolicy("zscore", init, update, f"ZClip z-score (alpha={alpha:g}, z={z_thresh:g}, warm-up {warmup_steps})")
 
@@ -98,21 +148,23 @@ def auto(clip_z: float = 2.5) -> ClipPolicy:
     level, and unusual for this run's noise) is clipped on its own step; an explosion (the tracker's
     confirmation: a sustained or enormous spike, or an overflow right after one) switches clipping
     on, on the device, for that very step and every step after. The threshold is the tracker's level
-    plus ``clip_z`` spreads, so it follows the run's own scale. The host may also switch it on (state
-    ``enabled``) when it diagnoses an explosion the tracker did not see (updates that dwarf weights).
+    plus ``clip_z`` spreads, so it follows the run's own scale. The host may also switch it on (the
+    latch field ``enabled``) when it diagnoses an explosion the tracker did not see (updates that
+    dwarf weights).
     """
     clip_z = _positive("clip_z", clip_z)
 
     def init():
-        return {"enabled": 0.0}
+        return AutoState(0.0)
 
     def update(state, norm, signals, xp):
-        enabled = xp.maximum(state["enabled"], signals.explosion)
+        enabled = xp.maximum(state.enabled, signals.explosion)
         active = xp.maximum(enabled, signals.spike)
         threshold = xp.where(active > 0, xp.exp(signals.log_level + clip_z * signals.log_sigma), INF)
-        return threshold, {"enabled": enabled}
+        return threshold, AutoState(enabled)
 
-    return ClipPolicy("auto", init, update, "auto: off until a spike or an explosion, then adaptive")
+    return ClipPolicy("auto", init, update, "auto: off until a spike or an explosion, then adaptive",
+                      latch="enabled")
 
 
 def percentile(p: float = 10.0, history: int = 1000) -> ClipPolicy:
@@ -125,14 +177,14 @@ def percentile(p: float = 10.0, history: int = 1000) -> ClipPolicy:
         raise ValueError(f"history must be a positive integer, got {history!r}")
 
     def init():
-        return {"count": 0.0, "window": [INF] * history}  # unfilled slots sort last
+        return PercentileState(0.0, [INF] * history)  # unfilled slots sort last
 
     def update(state, norm, signals, xp):
-        window = xp.concat([state["window"][1:], norm[None]])  # a shift register of the last norms
-        seen = xp.minimum(state["count"] + 1.0, float(history))
+        window = xp.concat([state.window[1:], norm[None]])  # a shift register of the last norms
+        seen = xp.minimum(state.count + 1.0, float(history))
         rank = xp.asint((seen - 1.0) * (p / 100.0))
         threshold = xp.take(xp.sort(window), rank)  # unfilled slots (inf) sort after the real norms
-        return threshold, {"count": state["count"] + 1.0, "window": window}
+        return threshold, PercentileState(state.count + 1.0, window)
 
     return ClipPolicy("percentile", init, update, f"AutoClip {p:g}th percentile of the last {history} norms")
 
@@ -148,8 +200,8 @@ def agc(clipping: float = 0.01, eps: float = 1e-3) -> ClipPolicy:
         max_norm = clipping * xp.maximum(weight_norm, eps)
         return xp.where(grad_norm > max_norm, max_norm / xp.maximum(grad_norm, 1e-6), 1.0)
 
-    return ClipPolicy("agc", dict, lambda state, norm, signals, xp: (INF, dict(state)),
-                      f"AGC unit-wise, clipping={clipping:g}", unit_scale)
+    return ClipPolicy("agc", NoState, _keep, f"AGC unit-wise, clipping={clipping:g}", unit_scale,
+                      scales_global=False)
 
 
 CLIP_NAMES = ("auto", "zscore", "percentile", "agc")

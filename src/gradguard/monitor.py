@@ -7,27 +7,66 @@ object under every framework, so findings, remedies and logged keys are the same
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import logging
 import math
+import os
+import sys
 import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from gradguard import detectors as det
+from gradguard.clipping import ClipPolicy
 from gradguard.findings import Finding
 from gradguard.layers import LayerInfo, ModelFacts, check_layers
 from gradguard.sinks import LogRecord, Sink, SinkSet
+from gradguard import stats
 from gradguard.stats import Snapshot, WindowStats
 
 logger = logging.getLogger("gradguard")
+logger.addHandler(logging.NullHandler())  # the host's logging configuration decides what is printed
 
 _SEVERITY_RANK = {"warning": 0, "critical": 1}
 
 
 class GradGuardWarning(UserWarning):
-    """Emitted once per finding."""
+    """Emitted once per new finding, located at the user's own line (the ``guard.step(...)``,
+    ``optimizer.step()``, ``trainer.fit(...)`` or ``model.fit(...)`` call that led to it)."""
+
+
+# Frames inside these packages are not the user's: a warning points past them.
+_LIBRARY_PREFIXES = ("gradguard", "torch", "lightning", "pytorch_lightning", "lightning_fabric",
+                     "lightning_utilities", "keras", "tensorflow", "jax", "jaxlib", "transformers", "accelerate",
+                     "optree")
+_GRADGUARD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _is_library_frame(frame) -> bool:
+    module = frame.f_globals.get("__name__", "") or ""
+    top = module.split(".", 1)[0]
+    if top in _LIBRARY_PREFIXES:
+        return True
+    filename = frame.f_code.co_filename
+    return filename.startswith(_GRADGUARD_DIR) or filename.startswith("<frozen ") or "/contextlib.py" in filename
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called from the caller of this function that points at
+    the first frame outside gradguard and the host frameworks (the user's call)."""
+    frame = sys._getframe(2)  # the function that will call warnings.warn
+    level = 1
+    while frame is not None and _is_library_frame(frame):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 1
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` located at the user's line (see ``user_stacklevel``)."""
+    warnings.warn(message, category, stacklevel=user_stacklevel() + 1)
 
 
 @dataclasses.dataclass
@@ -47,16 +86,23 @@ def select_layers(n: int, max_layers: int | None) -> np.ndarray:
 
 
 class Monitor:
+    """Decides, from one window at a time. ``policy`` tells it whether the clip policy has a latch
+    it may close (``ClipPolicy.latch``); ``policy_name`` only names the policy in findings."""
+
     def __init__(self, layers: Sequence[LayerInfo], facts: ModelFacts = ModelFacts(), *, policy_name: str = "none",
                  skip_nonfinite: bool = True, sinks: Iterable[Sink] = (), config: det.DetectorConfig | None = None,
-                 max_logged_layers: int | None = 32, logging_rank: bool = True, history_size: int = 10_000):
+                 max_logged_layers: int | None = 32, logging_rank: bool = True, history_size: int = 10_000,
+                 policy: ClipPolicy | None = None):
         self.layers = check_layers(layers)
         self.facts = facts
-        self.policy_name = policy_name
+        self.policy_name = policy.name if policy is not None else policy_name
+        # the state field that latches clipping on (None: the policy has no latch)
+        self.latch = policy.latch if policy is not None else ("enabled" if policy_name == "auto" else None)
         self.skip_nonfinite = skip_nonfinite
         self.sinks = SinkSet(sinks)
         self.config = config or det.DetectorConfig()
-        if max_logged_layers is not None and (not isinstance(max_logged_layers, int) or max_logged_layers < 2):
+        if max_logged_layers is not None and (isinstance(max_logged_layers, bool) or
+                                              not isinstance(max_logged_layers, int) or max_logged_layers < 2):
             raise ValueError(f"max_logged_layers must be None or an int >= 2, got {max_logged_layers!r}")
         self.logged = select_layers(len(self.layers), max_logged_layers)
         self.logging_rank = logging_rank
@@ -65,6 +111,7 @@ class Monitor:
         self.totals = {"steps": 0, "skipped": 0, "nonfinite": 0, "clipped": 0, "spikes": 0, "explosions": 0}
         self.clip_enabled_step: int | None = None
         self.history: collections.deque = collections.deque(maxlen=history_size)
+        self._unreported_trace: list[tuple[int, np.ndarray]] = []  # per-step rows of windows judged, not logged
 
     # ------------------------------------------------------------------ results
 
@@ -73,6 +120,20 @@ class Monitor:
         return sorted(self._findings.values(), key=lambda f: (f.step, f.kind))
 
     # ------------------------------------------------------------------ one log step
+
+    def peek(self, window: WindowStats, snapshot: Snapshot | None = None) -> tuple[list[Finding], dict[str, int]]:
+        """Findings and totals as if ``window`` were judged now, without judging it: nothing reaches
+        the sinks or the warnings, and the monitor is left exactly as it was (a pure look)."""
+        saved = (copy.deepcopy(self._findings), copy.deepcopy(self._det_state), dict(self.totals),
+                 self.clip_enabled_step, self.history, self.sinks, self.logging_rank, list(self._unreported_trace))
+        try:
+            self.history = collections.deque(maxlen=1)
+            self.sinks, self.logging_rank = SinkSet(()), False
+            self.observe(window, snapshot, report=False)
+            return self.findings, dict(self.totals)
+        finally:
+            (self._findings, self._det_state, self.totals, self.clip_enabled_step, self.history, self.sinks,
+             self.logging_rank, self._unreported_trace) = saved
 
     def observe(self, window: WindowStats, snapshot: Snapshot | None = None, report: bool = True) -> Decision:
         """Run the detectors on one window; with ``report`` also log its record to the sinks (the
@@ -87,7 +148,7 @@ class Monitor:
         t["clipped"] += window.clipped_steps
         t["spikes"] += window.spikes
         t["explosions"] += window.explosions
-        enabled = window.policy_state.get("enabled", 0.0) > 0
+        enabled = self.latch is not None and window.policy_state.get(self.latch, 0.0) > 0
         newly_enabled = enabled and self.clip_enabled_step is None
         if newly_enabled:
             self.clip_enabled_step = (window.first_explosion_step if window.first_explosion_step is not None
@@ -118,15 +179,20 @@ class Monitor:
                 new.append(finding)
             if self.logging_rank:
                 self.sinks.finding(finding, is_new)
-        if self.policy_name == "auto" and not enabled and "exploding" in {c.kind for c in candidates if c}:
+        if self.latch is not None and not enabled and "exploding" in {c.kind for c in candidates if c}:
             decision.enable_clipping = True  # an explosion the device-side tracker did not catch
             self.clip_enabled_step = window.last_step
         decision.new_findings = tuple(new)
         for f in new:
             self._emit(f)
 
+        if window.trace is not None:  # every step reaches the log, also those of unreported windows
+            self._unreported_trace = self._unreported_trace[-15:] + [(window.trace_first_step, window.trace)]
         if report:
             record = self._record(window, snapshot)
+            record.per_step = per_step_record(self._unreported_trace, self.skip_nonfinite)
+            record.layer_numel = np.array([l.numel for l in self.layers], dtype=np.int64)
+            self._unreported_trace = []
             self.history.append((record.step, record.layer_norm_mean.astype(np.float32)))
             if self.logging_rank:  # every rank decides the same; only one reports
                 self.sinks.log(record)
@@ -151,8 +217,8 @@ class Monitor:
         if not self.logging_rank:
             return
         text = f"gradguard: {f}" + (f" Remedies: {' '.join(f.remedies[:3])}" if f.remedies else "")
-        logger.warning(text)
-        warnings.warn(text, GradGuardWarning, stacklevel=4)
+        logger.info(text)  # silent unless the host's logging asks for gradguard's INFO records
+        warn_user(text, GradGuardWarning)
 
     # ------------------------------------------------------------------ the log record
 
@@ -180,7 +246,7 @@ class Monitor:
             for i in self.logged:
                 s[f"grad/{stat}/{names[i]}"] = float(values[i])
         t = self.totals
-        enabled = w.policy_state.get("enabled", 1.0 if math.isfinite(w.threshold) else 0.0) > 0
+        enabled = (w.policy_state.get(self.latch, 0.0) > 0) if self.latch is not None else math.isfinite(w.threshold)
         s.update({
             "gradguard/clip_enabled": float(enabled and math.isfinite(w.threshold)),
             "gradguard/clipped_steps": float(t["clipped"]),
@@ -223,6 +289,33 @@ class Monitor:
 
     def close(self) -> None:
         self.sinks.close()
+
+
+def per_step_record(parts: Sequence[tuple[int, np.ndarray]], skip_nonfinite: bool) -> dict[str, list] | None:
+    """The per-step trace rows (see ``stats.TRACE_*``) of one or more windows as plain lists, one
+    entry per optimizer step: the JSON-lines record's ``per_step``. Non-finite norms and thresholds
+    (no clipping) are None."""
+    if not parts:
+        return None
+    steps = np.concatenate([np.arange(first, first + len(rows)) for first, rows in parts])
+    rows = np.concatenate([rows for _, rows in parts]).astype(np.float64)
+    flags = np.nan_to_num(rows[:, stats.TRACE_FLAGS]).astype(np.int64)
+
+    def values(col):
+        return [float(v) if math.isfinite(v) else None for v in rows[:, col]]
+
+    nonfinite = (flags & stats.FLAG_NONFINITE) > 0
+    return {
+        "step": steps.tolist(),
+        "global_norm": values(stats.TRACE_NORM),
+        "clip_threshold": values(stats.TRACE_THRESHOLD),
+        "scale": [float(v) for v in np.nan_to_num(rows[:, stats.TRACE_SCALE], nan=1.0)],
+        "nonfinite": nonfinite.astype(int).tolist(),
+        "skipped": (nonfinite & skip_nonfinite).astype(int).tolist(),
+        "clipped": ((flags & stats.FLAG_CLIPPED) > 0).astype(int).tolist(),
+        "spike": ((flags & stats.FLAG_SPIKE) > 0).astype(int).tolist(),
+        "explosion": ((flags & stats.FLAG_EXPLOSION) > 0).astype(int).tolist(),
+    }
 
 
 def depth_ratio(rms: np.ndarray, layer_steps: np.ndarray) -> float:

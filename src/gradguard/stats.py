@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from gradguard.clipping import ClipPolicy, Signals
+from gradguard.clipping import ClipPolicy, Signals, state_fields, state_like
 
 INF = float("inf")
 
@@ -87,18 +87,45 @@ def window_keys() -> tuple[str, ...]:
     return _WINDOW_KEYS
 
 
-def init_state(n_layers: int, policy: ClipPolicy) -> dict[str, np.ndarray]:
-    """The whole device state as float32 numpy values; adapters move it to their device."""
+# The per-step trace: the last TRACE_SIZE optimizer steps, one row each, oldest first (a shift
+# register: one concat of a (R, 4) array per step, so every step reaches the timeline without a
+# host read; the rows come to the host with the window on log steps). Not part of the window: it
+# is never reset, the window's step count says which rows are the window's.
+TRACE_NORM, TRACE_THRESHOLD, TRACE_SCALE, TRACE_FLAGS = range(4)  # columns
+FLAG_NONFINITE, FLAG_CLIPPED, FLAG_SPIKE, FLAG_EXPLOSION = 1, 2, 4, 8  # bits of the flags column
+TRACE_SIZE = 256
+
+
+def init_state(n_layers: int, policy: ClipPolicy, trace_size: int = TRACE_SIZE) -> dict[str, np.ndarray]:
+    """The whole device state as float32 numpy values; adapters move it to their device.
+    ``trace_size``: optimizer steps kept in the per-step trace (at least the log interval, so no
+    step between two log steps is lost; 0 turns the trace off)."""
     if n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers!r}")
+    if isinstance(trace_size, bool) or not isinstance(trace_size, (int, np.integer)) or trace_size < 0:
+        raise ValueError(f"trace_size must be an int >= 0, got {trace_size!r}")
     state = reset_window(n_layers)
+    if trace_size:
+        state["trace"] = np.zeros((int(trace_size), 4), np.float32)  # rows are read only once written
     state.update({"trk_count": np.float32(0), "trk_mean": np.float32(0), "trk_var": np.float32(0),
                   "trk_prev": np.float32(0), "trk_run": np.float32(0), "trk_run_spike": np.float32(0),
                   "trk_since_spike": np.float32(1e9),
                   "threshold": np.float32(INF)})
-    for k, v in policy.init().items():
-        state["clip_" + k] = np.asarray(v, np.float32)
+    for k, v in state_fields(policy.init()).items():
+        state[POLICY_PREFIX + k] = np.asarray(v, np.float32)
     return state
+
+
+POLICY_PREFIX = "clip_"  # the policy's state fields live in the flat state under this prefix
+
+
+def latch_key(policy: ClipPolicy) -> str | None:
+    """The flat-state key of the policy's latch field (see ``ClipPolicy.latch``), or None."""
+    return None if policy.latch is None else POLICY_PREFIX + policy.latch
+
+
+def policy_keys(state: Mapping[str, Any]) -> list[str]:
+    return [k for k in state if k.startswith(POLICY_PREFIX)]
 
 
 def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: ClipPolicy, xp,
@@ -159,15 +186,18 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     s["trk_prev"] = s["trk_prev"] + usable * (x - s["trk_prev"])
 
     # Clipping policy; its state only moves on finite steps.
-    pol_state = {k[5:]: v for k, v in s.items() if k.startswith("clip_")}
+    n = len(POLICY_PREFIX)
+    pol_fields = {k[n:]: v for k, v in s.items() if k.startswith(POLICY_PREFIX)}
+    pol_state = state_like(policy.init(), pol_fields)
     threshold, new_pol = policy.update(pol_state, gnorm, Signals(spike, explosion, mean, sigma), xp)
-    for k, v in new_pol.items():
-        s["clip_" + k] = xp.where(finite > 0, v, pol_state[k])
+    for k, v in state_fields(new_pol).items():
+        s[POLICY_PREFIX + k] = xp.where(finite > 0, v, pol_fields[k])
     clip = finite * xp.asfloat(gnorm > threshold)
     scale = xp.where(clip > 0, threshold / (gnorm + 1e-6), 1.0)
     s["threshold"] = xp.where(finite > 0, threshold, s["threshold"])
-    if "clip_enabled" in s:  # the auto latch also closes on an overflow right after a spike (a skipped step)
-        s["clip_enabled"] = xp.maximum(s["clip_enabled"], overflow)
+    latch = latch_key(policy)
+    if latch is not None:  # a latch also closes on an overflow right after a spike (a skipped step)
+        s[latch] = xp.maximum(s[latch], overflow)
 
     index = s["acc_steps"]
     events = xp.stack([1.0 - finite, spike, explosion])
@@ -176,6 +206,10 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     s["acc_max_jump"] = xp.maximum(s["acc_max_jump"], jump)
     s["acc_scale_min"] = xp.minimum(s["acc_scale_min"], scale)
     s["acc_steps"] = index + 1.0
+    if "trace" in s:  # (states saved before the trace existed have none)
+        flags = (1.0 - finite) * FLAG_NONFINITE + clip * FLAG_CLIPPED + spike * FLAG_SPIKE + explosion * FLAG_EXPLOSION
+        row = xp.stack([norms[-1], s["threshold"], scale, flags])
+        s["trace"] = xp.concat([s["trace"][1:], row[None]])
     return scale, finite, s
 
 
@@ -214,6 +248,11 @@ class WindowStats:
     tracker_level: float  # exp of the tracker's log level
     threshold: float  # the clip threshold in force (inf when not clipping)
     policy_state: dict[str, float]
+    # Every optimizer step of the window (the last ``trace_size`` of them when the window is
+    # longer), oldest first: rows of (raw global norm, clip threshold in force, scale applied,
+    # flags: FLAG_* bits). ``trace_first_step`` is the optimizer step of the first row.
+    trace: np.ndarray | None = None
+    trace_first_step: int | None = None
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], last_step: int) -> "WindowStats":
@@ -231,7 +270,14 @@ class WindowStats:
         def per_layer(values):
             return np.where(lsteps > 0, values, np.nan)
 
+        trace = trace_first = None
+        if "trace" in st and steps > 0:
+            kept = min(steps, len(st["trace"]))
+            trace = st["trace"][len(st["trace"]) - kept:].copy()
+            trace_first = last_step - kept + 1
         return cls(
+            trace=trace,
+            trace_first_step=trace_first,
             first_step=first,
             last_step=last_step,
             steps=steps,
@@ -258,7 +304,8 @@ class WindowStats:
             max_jump=float(st["acc_max_jump"]),
             tracker_level=math.exp(float(st["trk_mean"])) if float(st["trk_count"]) > 0 else math.nan,
             threshold=float(st["threshold"]),
-            policy_state={k[5:]: float(v) for k, v in st.items() if k.startswith("clip_") and v.ndim == 0},
+            policy_state={k[len(POLICY_PREFIX):]: float(v) for k, v in st.items()
+                          if k.startswith(POLICY_PREFIX) and v.ndim == 0},
         )
 
 

@@ -1,0 +1,370 @@
+"""``TorchEngine``: the per-optimizer-step machinery shared by ``GradGuard``, the Lightning callback
+and the Hugging Face Trainer callback.
+
+    engine.before_step() -> bool     # measure, clip, gate (False: skip; the gradients are None)
+    optimizer.step()                 # only if before_step() returned True
+    engine.after_step(stepped)       # count the step; on a log step read the window, judge, report
+
+Every step runs on the gradients' device with torch foreach kernels: one ``_foreach_norm`` pass for
+the per-layer norms, a few tiny ops on a vector of layer norms (the core's ``stats.device_step``)
+and, when the policy may clip, one ``_foreach_mul_``. Nothing is copied to the host on a step that
+does not log, except one boolean when ``skip_nonfinite=True`` (the gate ``GradScaler`` uses).
+Everything host-side (log-step rule, window read, snapshot assembly, checkpoint format) is the
+core's ``gradguard.pipeline``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradguard import pipeline, stats
+from gradguard.findings import Finding
+from gradguard.monitor import Decision, Monitor, warn_user
+from gradguard.options import Options
+from gradguard.sinks import make_sinks
+from gradguard.torch import _snapshots
+from gradguard.torch._layout import ForwardOrder, Layout, build_layout, describe_model, trainable_key, unwrap
+from gradguard.torch._normstats import NormStats
+from gradguard.torch._ops import real_view, torch_ops
+from gradguard.torch._probes import Probes
+from gradguard.torch._sharding import Sharding, local
+
+
+class _Built:
+    """Everything fixed once the layout is known, made in one place (``TorchEngine._build``) and
+    replaced as a whole when the trainable set changes."""
+
+    def __init__(self, layout: Layout, pipe: pipeline.Pipeline, device: torch.device):
+        self.layout = layout
+        self.pipeline = pipe
+        self.device = device
+        self.n_layers = len(layout.layers)
+        self.param_layer_t = torch.tensor(layout.param_layer, device=device)
+        self.sharding = Sharding(layout.params, device)
+        self.state: dict[str, torch.Tensor] = {}
+        # which parameters had a gradient at the last step, and the index tensors that follow from it
+        self.present: tuple[bool, ...] | None = None
+        self.idx_t = self.present_idx_t = self.has_t = None
+
+    def set_present(self, present: tuple[bool, ...]) -> None:
+        self.present = present
+        idx = [self.layout.param_layer[i] for i, ok in enumerate(present) if ok]
+        self.idx_t = torch.tensor(idx, device=self.device, dtype=torch.long)
+        self.present_idx_t = torch.tensor([i for i, ok in enumerate(present) if ok], device=self.device,
+                                          dtype=torch.long)
+        has = torch.zeros(self.n_layers, device=self.device)
+        if idx:
+            has[torch.tensor(sorted(set(idx)), device=self.device)] = 1.0
+        self.has_t = has
+
+
+class TorchEngine:
+    """Measure, clip and gate one torch model's gradients, one optimizer step at a time.
+
+    Args:
+        model: the ``nn.Module`` (DDP / DataParallel / ``torch.compile`` wrappers are unwrapped).
+        logging_rank: whether this process reports (default: rank 0 of an initialised process group).
+        **options: ``gradguard.Options`` (``clip``, ``log_every_n_steps``, ``skip_nonfinite``, ``sinks``,
+            ``max_logged_layers``, ``measure_updates``, ``histograms``, ``detector_config``,
+            ``tracker_config``); an unknown name raises ``TypeError``.
+
+    ``clipping_allowed = False`` makes it measure only (a host that clips itself).
+    """
+
+    def __init__(self, model: nn.Module, *, logging_rank: bool | None = None, options: Options | None = None,
+                 **kwargs: Any):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if options is not None and kwargs:
+            raise TypeError("pass either options= or keyword options, not both")
+        self.options = options or Options.of(type(self).__name__, kwargs)
+        self.model = unwrap(model)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(f"model has no trainable parameters to watch (model={type(model).__name__})")
+        self.policy = self.options.policy
+        self.log_every_n_steps = self.options.every()
+        self.skip_nonfinite = self.options.skip_nonfinite
+        self.measure_updates = self.options.measure_updates
+        self._sinks = make_sinks(self.options.sinks)
+        self.histograms = self.options.histograms if self.options.histograms is not None else any(
+            getattr(s, "wants_histograms", False) for s in self._sinks)
+        self._logging_rank = logging_rank
+        self.clipping_allowed = True  # False: a host that clips itself (Lightning's gradient_clip_val)
+        self._all_params = list(self.model.parameters())
+        self._order = ForwardOrder(self.model)
+        self._probes = Probes(self.model, self._measuring_forward)
+        self._norm_stats = NormStats(self.model)
+        self._built: _Built | None = None
+        self._pending: dict | None = None  # a checkpoint loaded before the layout is known
+        self._steps_before_build = 0
+        self._in_step = False
+        self._log_step = False
+        self._sums: pipeline.LayerSums | None = None
+        self._update: _snapshots.UpdateSample | None = None
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def built(self) -> bool:
+        return self._built is not None
+
+    @property
+    def monitor(self) -> Monitor | None:
+        return self._built.pipeline.monitor if self._built else None
+
+    @property
+    def layers(self) -> list:
+        return list(self._built.layout.layers) if self._built else []
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The device state (window accumulators, spike tracker, policy state)."""
+        return self._built.state if self._built else {}
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps seen, skipped ones included."""
+        return self._built.pipeline.step if self._built else self._steps_before_build
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        if self._built:
+            self._built.pipeline.step = int(value)
+        else:
+            self._steps_before_build = int(value)
+
+    def peek(self) -> tuple[list[Finding], dict[str, int]]:
+        """Findings and totals including the steps since the last log step, without judging them:
+        nothing reaches the sinks, the window goes on, later findings are unchanged."""
+        b = self._built
+        if b is None:
+            mon = (self._pending or {}).get("monitor", {})
+            found = sorted((Finding.from_dict(f) for f in mon.get("findings", [])), key=lambda f: (f.step, f.kind))
+            return found, dict(mon.get("totals", {}))
+        host = self._host_state()
+        if float(host["acc_steps"]) == 0:
+            return b.pipeline.monitor.findings, dict(b.pipeline.monitor.totals)
+        last = self.step_count if self._in_step else self.step_count - 1  # inside a step: it is measured
+        return b.pipeline.monitor.peek(b.pipeline.window(host, last))
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings so far, pending steps included (a pure look, see ``peek``)."""
+        return self.peek()[0]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Counters so far, pending steps included (a pure look, see ``peek``)."""
+        return {k: int(v) for k, v in self.peek()[1].items()}
+
+    # ------------------------------------------------------------------ the layout, built in one place
+
+    def _build(self, carry: dict | None = None) -> _Built:
+        self._order.stop()
+        layout = build_layout(self.model, self._order, self._all_params)
+        p0 = layout.params[0]
+        device = p0.device if p0.device.type != "meta" else torch.device("cpu")
+        logging_rank = self._is_logging_rank()
+        pipe = pipeline.Pipeline(layout.layers, describe_model(self.model), self.options, sinks=self._sinks,
+                                 policy=self.policy, log_every_n_steps=self.log_every_n_steps,
+                                 logging_rank=logging_rank)
+        pipe.step = self._steps_before_build
+        built = _Built(layout, pipe, device)
+        host = pipe.initial_state()
+        saved = carry if carry is not None else self._pending
+        if saved:
+            host = pipe.restore(saved, to_numpy=lambda v: v.detach().cpu().numpy() if torch.is_tensor(v) else v)
+        built.state = {k: torch.as_tensor(np.asarray(host[k]), dtype=torch.float32, device=device)
+                       for k in pipe.layout.keys}
+        if self._built is None:
+            self._probes.install_saturation(self._order, [n for n, _ in self.model.named_modules()])
+        self._built, self._pending = built, None
+        return built
+
+    def _rebuild_if_trainable_changed(self) -> None:
+        """Parameters frozen or unfrozen since the layout was built: layers join or leave; the state
+        of layers that stay is kept by name, new layers start fresh, findings stay."""
+        if trainable_key(self._all_params) == self._built.layout.trainable:
+            return
+        if not any(p.requires_grad for p in self._all_params):
+            return  # everything frozen: nothing to measure, keep the last layout
+        saved = self.state_dict()
+        before = set(self._built.layout.names)
+        built = self._build(carry=saved)
+        after = set(built.layout.names)
+        if before != after:
+            warn_user(f"gradguard: the trainable layers changed (joined: {sorted(after - before)[:5]}, left: "
+                      f"{sorted(before - after)[:5]}); the layers that stay keep their statistics")
+
+    def _is_logging_rank(self) -> bool:
+        if self._logging_rank is not None:
+            return self._logging_rank
+        d = torch.distributed
+        return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+
+    def _measuring_forward(self, module: nn.Module) -> bool:
+        """The training forward pass whose backward feeds a log step."""
+        return (pipeline.is_log_step(self.step_count, self.log_every_n_steps) and torch.is_grad_enabled()
+                and module.training)
+
+    # ------------------------------------------------------------------ per step
+
+    def _grads(self, b: _Built) -> list[torch.Tensor]:
+        grads = [p.grad for p in b.layout.params]
+        present = tuple(g is not None for g in grads)
+        if present != b.present:
+            b.set_present(present)
+        return [g for g in grads if g is not None]
+
+    def _layer_sq(self, b: _Built, grads) -> torch.Tensor:
+        grads = [real_view(local(g)) for g in grads]
+        dense = all(not g.is_sparse for g in grads)
+        if dense and all(g.device == b.device for g in grads):
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        else:  # sparse gradients or several devices: one norm at a time
+            norms = [(g.coalesce()._values() if g.is_sparse else g).norm(dtype=torch.float32).to(b.device)
+                     for g in grads]
+        sq = b.sharding.share(torch.stack(norms).square(), b.present_idx_t)
+        return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
+
+    def before_step(self) -> bool:
+        """Measure, clip and gate the gradients now in ``.grad``. Returns False when the step must be
+        skipped (non-finite gradients and ``skip_nonfinite``): the watched gradients are then set to
+        None and the normalization statistics of this step's forward passes are put back."""
+        if self._in_step:
+            raise RuntimeError("gradguard: before_step() ran twice without after_step(): the same guard is "
+                               "hooked twice into one optimizer step (attach() plus guard.step(), or two "
+                               "attach() calls on different optimizers)")
+        b = self._built or self._build()
+        if b.layout.trainable != trainable_key(self._all_params):
+            self._rebuild_if_trainable_changed()
+            b = self._built
+        self._in_step = True
+        self._log_step = b.pipeline.is_log_step()
+        self._sums, self._update = None, None
+        grads = self._grads(b)
+        if not grads:
+            return True
+        layer_sq = self._layer_sq(b, grads)
+        scale, finite, b.state = stats.device_step(b.state, layer_sq, b.has_t, self.policy, torch_ops,
+                                                   b.pipeline.tracker)
+        if self._log_step:
+            self._sums = _snapshots.measure(b, grads, layer_sq, self.histograms)
+        if self.policy.unitwise is not None and self.clipping_allowed:
+            self._clip_unitwise(b, grads)
+        may_clip = self.policy.scales_global and self.clipping_allowed
+        if self.skip_nonfinite:
+            # The one host read of a non-log step (GradScaler's gate): 0 = non-finite, 1 = finite,
+            # 2 = finite and to be clipped; so the clipping pass runs only when it changes something.
+            verdict = int(finite * (1.0 + (scale < 1.0).float()))
+            if verdict == 0:
+                for p in b.layout.params:
+                    p.grad = None
+                self._norm_stats.restore()
+                return False
+            if verdict == 2 and may_clip:
+                torch._foreach_mul_(grads, scale.to(torch.float32))
+        elif may_clip:  # no host read allowed: scale unconditionally (by 1 while not clipping)
+            torch._foreach_mul_(grads, scale.to(torch.float32))
+        if self._sums is not None and self.measure_updates:
+            self._update = _snapshots.UpdateSample(b)
+        return True
+
+    def _clip_unitwise(self, b: _Built, grads) -> None:
+        """AGC: per-unit norms of gradient and weight, the policy's rule, one multiply per tensor.
+        (A non-finite step is skipped afterwards anyway; NaN units simply stay NaN.)"""
+        present = [p for p, ok in zip(b.layout.params, b.present) if ok]
+        with torch.no_grad():
+            for p, g in zip(present, grads):
+                g, w = local(g), local(p.detach())
+                gr, wr = real_view(g), real_view(w)
+                dims = tuple(range(1, gr.dim()))
+                g_norm = gr.float().norm(dim=dims) if dims else gr.float().abs()
+                w_norm = wr.float().norm(dim=dims) if dims else wr.float().abs()
+                factor = self.policy.unitwise(g_norm, w_norm, torch_ops)
+                g.mul_(factor.reshape(factor.shape + (1,) * (g.dim() - factor.dim())).to(g.real.dtype))
+
+    def after_step(self, stepped: bool = True) -> Decision | None:
+        """Call once the optimizer has run (``stepped``) or was skipped. On a log step: read the
+        window, run the detectors, report."""
+        if not self._in_step:
+            raise RuntimeError("gradguard: after_step() without before_step()")
+        self._in_step = False
+        self._norm_stats.next_step()
+        b = self._built
+        step = b.pipeline.step
+        b.pipeline.step += 1
+        if not self._log_step:
+            return None
+        sums, self._sums = self._sums, None
+        update, self._update = self._update, None
+        snap = None
+        if sums is not None:
+            if update is not None and stepped:
+                sums.update_sq = update.applied_sq()
+            sums.saturation, sums.temporal = self._probes.take()
+            snap = b.pipeline.snapshot(sums)
+        else:
+            self._probes.take()
+        return self._observe(snap, report=b.pipeline.is_report_step(step))
+
+    def flush(self) -> Decision | None:
+        """Judge and report the steps since the last log step now (end of training, ``close``)."""
+        if self._built is None or self._in_step:
+            return None
+        host = self._host_state()
+        if float(host["acc_steps"]) == 0:
+            return None
+        return self._observe(None, host=host)
+
+    def _host_state(self) -> dict[str, np.ndarray]:
+        b = self._built
+        keys = b.pipeline.layout.keys
+        flat = torch.cat([b.state[k].reshape(-1) for k in keys]).cpu().numpy()  # one copy to the host
+        return b.pipeline.layout.unpack_np(flat)
+
+    def _observe(self, snap, report: bool = True, host: dict | None = None) -> Decision:
+        b = self._built
+        host = self._host_state() if host is None else host
+        decision, fresh = b.pipeline.observe(host, last_step=b.pipeline.step - 1, snapshot=snap, report=report)
+        for k in stats.window_keys():
+            b.state[k] = torch.as_tensor(fresh[k], dtype=torch.float32, device=b.device)
+        if decision.enable_clipping and b.pipeline.latch is not None:
+            b.state[b.pipeline.latch] = torch.ones((), device=b.device)
+        return decision
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The core's checkpoint format (``gradguard.pipeline``), device state as CPU tensors."""
+        if self._built is None:
+            return dict(self._pending or {})
+        b = self._built
+        return b.pipeline.state_dict({k: v.detach().cpu().clone() for k, v in b.state.items()})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: other layers are re-mapped by name, other shapes refused, a
+        different clip policy starts fresh (see ``gradguard.pipeline.Pipeline.restore``)."""
+        if not state:
+            return
+        if state.get("version") not in (1, pipeline.CHECKPOINT_VERSION) or "device_state" not in state:
+            raise ValueError(f"state_dict is not a gradguard state (keys {sorted(state)[:6]})")
+        if self._built is None:
+            self._pending = dict(state)  # applied when the layout is fixed at the first step
+            self._steps_before_build = int(state["step_count"])
+            return
+        self._build(carry=state)
+
+    def close(self) -> None:
+        self._order.stop()
+        self._probes.close()
+        self._norm_stats.close()
+        if self._built is not None:
+            self._built.pipeline.monitor.close()
+        else:
+            for s in self._sinks:
+                s.close()

@@ -1,0 +1,108 @@
+"""Log-step measurements on the device -> ``gradguard.pipeline.LayerSums`` (the core assembles the
+``Snapshot``): max-abs and zero counts for the logged layers, weight norms, dead units (the core's
+``DEAD_UNIT_RULE``), histograms, and the update the optimizer applied (the core's sampling rule)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradguard import pipeline
+from gradguard.torch._ops import real_view
+from gradguard.torch._sharding import local
+
+
+def per_layer(built, values: torch.Tensor, reduce: str = "sum", pick: list[int] | None = None) -> np.ndarray:
+    """Per-parameter values of the parameters with a gradient (or of ``pick``, positions in that
+    list), summed or maxed per layer, over every shard."""
+    index, positions = built.idx_t, built.present_idx_t
+    if pick is not None:
+        index, positions = index[pick], positions[pick]
+    out = torch.zeros(built.n_layers, device=built.device, dtype=torch.float32)
+    if reduce == "sum":
+        out.index_add_(0, index, built.sharding.share(values, positions))
+    else:
+        out.scatter_reduce_(0, index, values, "amax")
+    return built.sharding.reduce(out, reduce).cpu().numpy().astype(np.float64)
+
+
+def dead_units(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> np.ndarray:
+    """``pipeline.DEAD_UNIT_RULE``: units whose whole weight-row gradient is exactly zero; a non-zero
+    bias gradient already proves a unit alive, so only the other rows are read."""
+    rows = weight_grad.flatten(1)
+    suspect = torch.arange(rows.shape[0], device=rows.device)
+    if bias_grad is not None:
+        suspect = torch.nonzero(bias_grad.detach() == 0).flatten()
+    row_max = torch.ones(rows.shape[0], device=rows.device)
+    if suspect.numel():
+        row_max[suspect] = rows[suspect].abs().amax(dim=1).float()
+    return pipeline.dead_units(row_max.cpu().numpy())
+
+
+def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms: bool) -> pipeline.LayerSums:
+    has = built.has_t.cpu().numpy() > 0
+    norm_sq = layer_sq.cpu().numpy().astype(np.float64)
+    with torch.no_grad():
+        dense = [local(g) for g in grads if not g.is_sparse]
+        if len(dense) != len(grads):  # sparse gradients: norms only
+            return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq)
+        L = built.n_layers
+        # max-abs and zero counts only feed the logged keys: take them for the logged layers only
+        logged = set(built.pipeline.logged.tolist())
+        owner = built.idx_t.tolist()
+        pick = [j for j, layer in enumerate(owner) if layer in logged]
+        sub = [dense[j].abs() if dense[j].is_complex() else dense[j] for j in pick]
+        max_abs = per_layer(built, torch.stack(torch._foreach_norm(sub, float("inf"), dtype=torch.float32)),
+                            "amax", pick)
+        nonzero = torch.stack([torch.count_nonzero(g).float() for g in sub])
+        sub_numel = torch.tensor([float(g.numel()) for g in sub], device=built.device)
+        zeros = per_layer(built, sub_numel - nonzero, "sum", pick)
+        measured = np.isin(np.arange(L), list(logged))
+        present = [p for p, ok in zip(built.layout.params, built.present) if ok]
+        w_sq = torch.stack(torch._foreach_norm([real_view(local(p.detach())) for p in present], 2,
+                                               dtype=torch.float32)).square()
+        weight_sq = per_layer(built, w_sq)
+        dead = [None] * L
+        if not built.sharding.active:  # units are split across ranks when sharded
+            for i, (weight, bias) in built.layout.unit_param.items():
+                if weight.grad is not None:
+                    dead[i] = dead_units(weight.grad.detach(), None if bias is None else bias.grad)
+        hist = None
+        if histograms:
+            hist = {}
+            for i in built.pipeline.logged:
+                gs = [real_view(g.detach()).float().flatten() for g, l in zip(dense, owner) if l == i]
+                if gs:
+                    hist[int(i)] = pipeline.histogram(torch.cat(gs).cpu().numpy())
+        nan = np.full(L, np.nan)
+        return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq, max_abs=np.where(measured, max_abs, nan),
+                                  zeros=np.where(measured, zeros, nan), weight_sq=weight_sq, dead=dead,
+                                  histograms=hist)
+
+
+class UpdateSample:
+    """A sample of each parameter taken before the optimizer runs on a log step (the core's
+    ``sample_plan``), so the update it applies can be measured without a full copy of the weights."""
+
+    def __init__(self, built):
+        self._built = built
+        params = built.layout.params
+        with torch.no_grad():
+            flats = [real_view(local(p.detach())).reshape(-1) for p in params]
+            self._plan = pipeline.sample_plan([f.numel() for f in flats])
+            self._before = [f[::stride].clone() for f, (stride, _) in zip(flats, self._plan)]
+
+    def applied_sq(self) -> np.ndarray:
+        """Per layer, the squared norm of the update the optimizer applied since the sample."""
+        b = self._built
+        with torch.no_grad():
+            sq = []
+            for p, (stride, count), old in zip(b.layout.params, self._plan, self._before):
+                flat = real_view(local(p.detach())).reshape(-1)
+                d = (flat[::stride].float() - old.float()).square().sum()
+                sq.append(pipeline.update_sq_from_sample(d, flat.numel(), count).to(b.device))
+            every = torch.arange(len(b.layout.params), device=b.device)
+            out = torch.zeros(b.n_layers, device=b.device).index_add_(
+                0, b.param_layer_t, b.sharding.share(torch.stack(sq), every))
+            b.sharding.reduce(out)
+        return out.cpu().numpy().astype(np.float64)

@@ -779,7 +779,9 @@ def _():
     return dict(model=m, opt=torch.optim.SGD(m.parameters(), 0.05, momentum=0.9), batch=digits_batches(), loss=ce)
 
 
-@case("explode_adam_lr1", expected={"exploding"}, acceptable={"nonfinite", "dead"})
+@case("explode_adam_lr1", expected={"exploding"}, acceptable={"nonfinite", "dead", "vanishing"},
+      note="Adam at lr 1 kills 98% of the second layer's units; the first layer's gradient then sits 5-10 orders "
+           "under the head: vanishing behind dead units, reported with the dead layer as its cause (issue 12)")
 def _():
     m = mlp([64, 128, 128, 10], nn.ReLU, init=he)
     return dict(model=m, opt=torch.optim.Adam(m.parameters(), 1.0), batch=digits_batches(), loss=ce)

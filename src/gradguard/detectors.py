@@ -88,8 +88,9 @@ class DetectorConfig:
     # large batch a live unit is almost never silent; with a batch of one, half of the ReLUs are silent
     # on any sample. The streak a unit needs is the one a live unit of this layer (silent on a share q of
     # snapshots, measured on the run itself) would reach by chance with probability ``dead_chance``:
-    # log(dead_chance)/log(q) snapshots (3 at q=0.1, 14 at q=0.5).
-    dead_chance: float = 1e-4
+    # log(dead_chance)/log(q) snapshots (3 at q=0.1, 10 at q=0.5, 31 at q=0.8). Per unit 1e-3 is ample:
+    # a layer is reported only when half of its units are dead at once.
+    dead_chance: float = 1e-3
     dead_min_steps: int = 50  # ...and the streak spans at least this many optimizer steps
 
     # -- saturation -----------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def main():
         loss, accuracy = model.evaluate(x, y, batch_size=256, verbose=0)  # on the clean data
         print(f"\n=== {title}  [{keras.backend.backend()}]")
         print(f"    loss {loss:.4g}, accuracy {accuracy:.1%}, weights finite: {finite}, "
-              f"skipped steps: {guard.skipped_steps}, clipped steps: {guard.monitor.totals['clipped']}")
+              f"skipped steps: {guard.skipped_steps}, clipped steps: {guard.totals['clipped']}")
         print(f"    grad/depth_ratio by epoch: {', '.join(f'{v:.2g}' for v in h['grad/depth_ratio'])}")
         if not guard.findings:
             print("    no findings: gradients look healthy")

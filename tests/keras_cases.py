@@ -533,6 +533,259 @@ def case_wandb():
             "findings": findings(cb)}
 
 
+
+# ----------------------------------------------------------------------- everyday workflows (issue 8, 13)
+
+def _applied_norm(after, before, lr):
+    return float(np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before)))) / lr
+
+
+def case_accumulation():
+    """gradient_accumulation_steps=4: measured, clipped and skipped once per optimizer step, on
+    the accumulated gradients."""
+    x, y = digits()
+    lr, k = 0.01, 4
+    out = {}
+    # (a) a fixed clip: each applied update is lr x 0.5 (the accumulated norm is far above it).
+    model = compile_(mlp(3, "relu", init=0.3), keras.optimizers.SGD(lr, gradient_accumulation_steps=k))
+    cb = GradGuardCallback(clip=0.5, log_every_n_steps=1, logs="all")
+    rec = Recorder(batches=range(8), keep_logs=True)
+    before = weights(model)
+    model.fit(x[:8 * BATCH], y[:8 * BATCH], batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb, rec])
+    out["clip"] = {
+        "steps": cb.totals["steps"], "iterations": int(np.asarray(model.optimizer.iterations)),
+        "still_during_window": all(np.array_equal(a, b) for i in (0, 1, 2) for a, b in zip(rec.weights[i], before)),
+        "applied_first": _applied_norm(rec.weights[3], before, lr),
+        "applied_second": _applied_norm(rec.weights[7], rec.weights[3], lr),
+        "raw_norms": [l.get("grad/norm/global") for l in rec.logs],
+        "clipped": cb.totals["clipped"], "policy": cb.active_policy.name}
+    # (b) AGC on the accumulated gradient: no unit moved more than 1% of its weight norm (x lr).
+    model = compile_(mlp(3, "relu", init=0.3), keras.optimizers.SGD(lr, gradient_accumulation_steps=k))
+    before = weights(model)
+    rec = Recorder(batches=(3,))
+    model.fit(x[:4 * BATCH], y[:4 * BATCH], batch_size=BATCH, epochs=1, verbose=0, shuffle=False,
+              callbacks=[GradGuardCallback(clip="agc", log_every_n_steps=1), rec])
+    worst = 0.0
+    for a, b in zip(rec.weights[3], before):
+        axes = tuple(range(a.ndim - 1))
+        step_norm = np.sqrt(np.sum((a - b) ** 2, axis=axes)) if axes else np.abs(a - b)
+        w_norm = np.sqrt(np.sum(b ** 2, axis=axes)) if axes else np.abs(b)
+        worst = max(worst, float(np.max(step_norm / lr / (0.01 * np.maximum(w_norm, 1e-3)))))
+    out["agc"] = {"worst_unit_ratio": worst, "moved": _applied_norm(rec.weights[3], before, lr)}
+    # (c) a NaN in one micro-batch of the second window: that optimizer step is skipped.
+    xp = x.copy()
+    xp[5 * BATCH + 2, 3] = np.nan
+    model = compile_(mlp(3, "relu"), keras.optimizers.SGD(0.05, momentum=0.9, gradient_accumulation_steps=k))
+    cb = GradGuardCallback(log_every_n_steps=2)
+    rec = Recorder(batches=range(16))
+    model.fit(xp, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb, rec])
+    out["skip"] = {
+        "steps": cb.totals["steps"], "skipped": cb.skipped_steps, "findings": findings(cb),
+        "iterations": int(np.asarray(model.optimizer.iterations)), "finite": all_finite(weights(model)),
+        "opt_finite": all_finite(opt_values(model)),
+        "skip_kept_weights": all(np.array_equal(a, b) for a, b in zip(rec.weights[7], rec.weights[3])),
+        "next_moved": not all(np.array_equal(a, b) for a, b in zip(rec.weights[11], rec.weights[7]))}
+    return out
+
+
+def case_other_shapes():
+    """A state dict from a model with the same layer names but other shapes is refused at fit
+    start, naming the layer; one with no layer in common too."""
+    x, y = digits()
+    model = compile_(mlp(2, "relu"), keras.optimizers.SGD(0.05))
+    cb = GradGuardCallback(log_every_n_steps=5)
+    model.fit(x[:4 * BATCH], y[:4 * BATCH], batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    state = json.loads(json.dumps(cb.state_dict()))
+    out = {}
+    renamed = keras.Sequential([keras.Input((64,))] + [keras.layers.Dense(10, name=f"x{i}") for i in range(2)])
+    for name, other in (("wider", mlp(2, "relu", width=32)), ("renamed", renamed)):
+        compile_(other, keras.optimizers.SGD(0.05))
+        cb2 = GradGuardCallback(log_every_n_steps=5)
+        cb2.load_state_dict(state)
+        try:
+            other.fit(x[:2 * BATCH], y[:2 * BATCH], batch_size=BATCH, epochs=1, verbose=0, callbacks=[cb2])
+            out[name] = None
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def case_fine_tune():
+    """Freeze part, fit, unfreeze, fit again with the same callback: layers that stay keep their
+    state, new ones start fresh, findings and totals stay."""
+    x, y = _poisoned(2 * BATCH + 1)
+    model = mlp(3, "relu")
+    for layer in model.layers[:2]:
+        layer.trainable = False
+    compile_(model, keras.optimizers.SGD(0.05, momentum=0.9))
+    cb = GradGuardCallback(log_every_n_steps=5)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    first = {"layers": [l.name for l in cb.layers], "steps": cb.totals["steps"],
+             "trk_count": cb.state_dict()["device_state"]["trk_count"]}
+    for layer in model.layers:
+        layer.trainable = True
+    compile_(model, keras.optimizers.SGD(0.05, momentum=0.9))
+    x_clean, _ = digits()
+    model.fit(x_clean, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    state = cb.state_dict()
+    return {"first": first, "layers": [l.name for l in cb.layers], "steps": cb.totals["steps"],
+            "skipped": cb.skipped_steps, "findings": findings(cb), "trk_count": state["device_state"]["trk_count"],
+            "finite": all_finite(weights(model)), "history_width": len(cb.history[-1][1])}
+
+
+def case_other_model():
+    """The same callback on another model starts fresh (with a warning), never judging it by the
+    first model's EMA or reporting its totals."""
+    x, y = _poisoned(2 * BATCH + 1)
+    cb = GradGuardCallback(log_every_n_steps=5)
+    a = compile_(mlp(3, "relu"), keras.optimizers.SGD(0.05))
+    a.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    first = {"findings": findings(cb), "steps": cb.totals["steps"]}
+    b = compile_(mlp(2, "relu", prefix="other"), keras.optimizers.SGD(0.05))
+    x_clean, _ = digits()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b.fit(x_clean[:4 * BATCH], y[:4 * BATCH], batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    return {"first": first, "findings": findings(cb), "steps": cb.totals["steps"],
+            "layers": [l.name for l in cb.layers],
+            "warnings": [str(w.message)[:200] for w in caught if "starts fresh" in str(w.message)]}
+
+
+def case_pure_look():
+    """Reading findings/totals/skipped_steps on every batch changes nothing: the same records
+    reach the sinks and the same findings come out as in a run nobody peeks at."""
+    x, y = _poisoned(3 * BATCH + 1)
+
+    def run(peek):
+        rec = RecordingSink()
+        model = compile_(mlp(10, "sigmoid", width=32, init="glorot_uniform"), keras.optimizers.SGD(0.1))
+        cb = GradGuardCallback(log_every_n_steps=10, sinks=[rec])
+        seen = []
+
+        class Peek(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                seen.append((len(cb.findings), cb.totals.get("steps", 0), cb.skipped_steps))
+
+        model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, shuffle=False,
+                  callbacks=[cb] + ([Peek()] if peek else []))
+        return {"sink_steps": rec.steps, "sink_findings": rec.findings, "findings": findings(cb),
+                "totals": cb.totals, "seen": seen}
+
+    return {"plain": run(False), "peeked": run(True)}
+
+
+def case_clip_change():
+    """state_dict saved under clip="auto", resumed under another clip=: tracker, findings and
+    totals carry, the new policy starts fresh, with a warning naming both."""
+    x, y = _poisoned(2 * BATCH + 1)
+    model = compile_(mlp(3, "relu"), keras.optimizers.SGD(0.05, momentum=0.9))
+    cb = GradGuardCallback(log_every_n_steps=5)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    state = json.loads(json.dumps(cb.state_dict()))
+    out = {}
+    x_clean, _ = digits()
+    for clip in ("zscore", 0.5, "percentile"):
+        cb2 = GradGuardCallback(clip=clip, log_every_n_steps=5)
+        cb2.load_state_dict(state)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x_clean, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb2])
+        out[str(clip)] = {"steps": cb2.totals["steps"], "skipped": cb2.skipped_steps, "findings": findings(cb2),
+                          "policy": cb2.active_policy.name, "finite": all_finite(weights(model)),
+                          "warnings": [str(w.message)[:200] for w in caught if "clip policy" in str(w.message)]}
+    return out
+
+
+def case_policies():
+    """zscore and percentile through Keras: a 1000x batch after ZClip's 25-step warm-up is
+    clipped; AutoClip's 10th percentile clips most steps."""
+    x, y = digits()
+    x3, y3 = np.concatenate([x, x, x]), np.concatenate([y, y, y])  # 48 steps
+    spike = 40
+    out = {}
+    for clip in ("zscore", "percentile"):
+        xs = x3.copy()
+        if clip == "zscore":
+            xs[spike * BATCH:(spike + 1) * BATCH] *= 1000.0
+        model = compile_(mlp(3, "relu"), keras.optimizers.SGD(0.01))
+        cb = GradGuardCallback(clip=clip, log_every_n_steps=8)
+        h = model.fit(xs, y3, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+        out[clip] = {"policy": cb.active_policy.name, "totals": cb.totals, "finite": all_finite(weights(model)),
+                     "loss": _history(h)["loss"]}
+    return out
+
+
+def case_bn_skip():
+    """A NaN batch through BatchNormalization: the skipped step leaves the moving statistics as
+    they were, so inference stays finite; healthy steps still update them."""
+    x, y = _poisoned(3 * BATCH + 5)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, name="dense"),
+                              keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(),
+                              keras.layers.Dense(10, name="head")])
+    compile_(model, keras.optimizers.SGD(0.05, momentum=0.9))
+    bn = model.get_layer("bn")
+    stats_before = [np.array(v.numpy()) for v in (bn.moving_mean, bn.moving_variance)]
+    cb = GradGuardCallback(log_every_n_steps=5)
+    rec = Recorder(batches=range(6))
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb, rec])
+    x_clean, _ = digits()
+    pred = model.predict(x_clean[:64], verbose=0)
+    stats_after = [np.array(v.numpy()) for v in (bn.moving_mean, bn.moving_variance)]
+    return {"skipped": cb.skipped_steps, "findings": findings(cb),
+            "weights_finite": all_finite(model.get_weights()), "predict_finite": bool(np.isfinite(pred).all()),
+            "skip_kept_all": all(np.array_equal(a, b) for a, b in zip(rec.weights[2], rec.weights[3])),
+            "stats_moved": not all(np.allclose(a, b) for a, b in zip(stats_before, stats_after))}
+
+
+def case_lstm_names():
+    """Findings and logged keys name the recurrent layer the user built, not its cell."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, size=(64, 8)).astype("int32")
+    y = (x[:, 0] > 10).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,), dtype="int32"), keras.layers.Embedding(20, 8, name="embedding"),
+                              keras.layers.LSTM(8, name="lstm"), keras.layers.Dense(2, name="head")])
+    compile_(model, keras.optimizers.Adam(1e-2))
+    cb = GradGuardCallback(log_every_n_steps=2, logs="all")
+    h = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    return {"layers": [l.name for l in cb.layers], "keys": sorted(k for k in h.history if k.startswith("grad/norm/"))}
+
+
+def case_surface():
+    """One surface: unknown options raise naming them; results and close() exist."""
+    out = {}
+    try:
+        GradGuardCallback(colour="red")
+        out["unknown"] = None
+    except TypeError as exc:
+        out["unknown"] = str(exc)
+    try:
+        GradGuardCallback(log_every_n_steps=np.int64(7), measure_updates="no")
+        out["measure_updates"] = None
+    except TypeError as exc:
+        out["measure_updates"] = str(exc)
+    cb = GradGuardCallback(log_every_n_steps=np.int64(7))
+    out["numpy_int"] = cb.log_every_n_steps
+    out["before_fit"] = {"findings": cb.findings, "totals": cb.totals, "skipped": cb.skipped_steps,
+                         "history": cb.history, "layers": cb.layers}
+    cb.close()
+    return out
+
+
+def case_dead_units():
+    """Three quarters of hidden_1's ReLU units switched off for every input (bias -50): their
+    kernel columns get exactly zero gradient, the core's DEAD_UNIT_RULE, on every backend."""
+    x, y = digits()
+    model = compile_(mlp(3, "relu"), keras.optimizers.SGD(0.01))
+    layer = model.get_layer("hidden_1")
+    bias = np.array(layer.bias.numpy())
+    bias[: 3 * len(bias) // 4] = -50.0
+    layer.bias.assign(bias)
+    cb = GradGuardCallback(log_every_n_steps=4)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    return {"findings": findings(cb)}
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

@@ -7,18 +7,13 @@ prints its measurements as JSON and the tests here assert on them.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from gradguard.findings import REMEDIES
+from keras_runner import BACKENDS, CaseRunner
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BACKENDS = ("tensorflow", "jax", "torch")
 COMMON = ["vanishing", "exploding", "inf_batch", "healthy", "switch_on", "clip_rules", "save_load",
           "state_roundtrip", "bad_args", "loss_scale", "subclassed"]
 EXTRA = {"tensorflow": ["jit_compile", "steps_per_execution", "distributed", "wandb"],
@@ -33,49 +28,13 @@ NOT_APPLICABLE = {
     ("torch", "wandb"): "the W&B round trip is backend-independent on gradguard's side; run on TensorFlow",
 }
 
-_procs: dict[str, subprocess.Popen] = {}
-_results: dict[str, dict] = {}
-
-
-def _start_all():
-    if _procs:
-        return
-    for backend in BACKENDS:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
-        env.pop("XLA_FLAGS", None)
-        _procs[backend] = subprocess.Popen([sys.executable, os.path.join(HERE, "keras_cases.py"),
-                                            *COMMON, *EXTRA[backend]],
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                           cwd=HERE)
-
-
-def results(backend: str) -> dict:
-    if backend not in _results:
-        _start_all()
-        try:
-            out, err = _procs[backend].communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            _procs[backend].kill()
-            out, err = _procs[backend].communicate()
-        cases = {}
-        for line in out.splitlines():
-            if line.startswith("CASE "):
-                r = json.loads(line[5:])
-                cases[r["case"]] = r
-        _results[backend] = {"cases": cases, "stderr": err, "returncode": _procs[backend].returncode}
-    return _results[backend]
+_runner = CaseRunner({backend: COMMON + EXTRA[backend] for backend in BACKENDS})
 
 
 def case(backend: str, name: str) -> dict:
     if (backend, name) in NOT_APPLICABLE:
         pytest.skip(NOT_APPLICABLE[(backend, name)])
-    run = results(backend)
-    r = run["cases"].get(name)
-    if r is None:
-        pytest.fail(f"{backend}: case {name!r} did not report (exit {run['returncode']}):\n{run['stderr'][-4000:]}")
-    if not r["ok"]:
-        pytest.fail(f"{backend}: case {name!r} raised:\n{r['error']}")
-    return r["result"]
+    return _runner.case(backend, name)
 
 
 def num(v) -> float:
@@ -229,7 +188,8 @@ def test_clip_rules_and_the_optimizers_own_clipping(backend):
         assert k["applied_norm"] == pytest.approx(1.0, rel=1e-3), name
         assert k["threshold"] == 1.0 and k["clipped"] == 1.0 and k["policy"] == "keras_global_clipnorm"
     assert len(r["keras"]["warnings"]) == 1 and "clip=0.5" in r["keras"]["warnings"][0]
-    assert r["keras_auto"]["warnings"] == []
+    # As the Lightning callback does for gradient_clip_val: any clip= other than None is told.
+    assert len(r["keras_auto"]["warnings"]) == 1 and "clip='auto'" in r["keras_auto"]["warnings"][0]
     agc = r["agc"]  # unit-wise: no unit moved more than 1% of its weight norm (x lr)
     assert agc["policy"] == "agc" and agc["worst_unit_ratio"] <= 1.001
     assert agc["applied_norm"] < agc["raw_norm"] / 10

@@ -22,27 +22,28 @@ the steps the loss scaler lets through, and leaves the loss scaler's own skips t
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import math
-import warnings
+import weakref
 from typing import Any
 
 import keras
 import numpy as np
 
-from gradguard import clipping, stats
-from gradguard.detectors import DetectorConfig
+from gradguard import clipping, pipeline
 from gradguard.findings import Finding
 from gradguard.layers import LayerInfo
-from gradguard.monitor import Monitor
+from gradguard.monitor import Monitor, warn_user
+from gradguard.options import Options
 from gradguard.sinks import LogRecord, Sink, make_sinks
 
-from gradguard.keras._graph import ApplyHook, keras_ops
+from gradguard.keras import _compat
+from gradguard.keras._graph import ApplyHook, keras_ops, make_hook
 from gradguard.keras._model import describe_model
 
 __all__ = ["GradGuardCallback", "describe_model", "keras_ops"]
 
-logger = logging.getLogger("gradguard")
+_compat.check_keras_version()
 
 _LOGS_MODES = ("norms", "all", None)
 _KERAS_CLIP_ARGS = ("global_clipnorm", "clipnorm", "clipvalue")
@@ -61,86 +62,94 @@ class _LastRecord(Sink):
 class GradGuardCallback(keras.callbacks.Callback):
     """Watch, diagnose and protect a Keras model's gradients inside ``model.fit``.
 
-    Args:
-        clip: ``"auto"`` (default: off until a spike or explosion, then adaptive), ``"zscore"``
-            (ZClip), ``"percentile"`` (AutoClip), ``"agc"`` (unit-wise, NFNets; a unit is a kernel's
-            last axis), a float (fixed max global norm), ``None`` (monitor only), or a
-            ``gradguard.ClipPolicy``. If the optimizer has its own ``clipnorm``,
-            ``global_clipnorm`` or ``clipvalue``, that clipping stays in charge and gradguard
-            does not clip on top of it (it measures the gradients before it; a
-            ``global_clipnorm`` is reported as ``gradguard/clip_threshold``).
-        log_every_n_steps: how often statistics leave the device, detectors run and scalars are
-            logged (plus the end of every epoch; the first step is judged too, not logged). With
-            ``steps_per_execution=k`` it is rounded up to a multiple of k.
-        skip_nonfinite: skip a step whose gradients hold NaN/Inf, in-graph: the weights and the
-            optimizer's slots and iteration counter are untouched.
-        sinks: ``None``, a directory or ``.jsonl`` path, a ``gradguard.Sink`` (for example
-            ``gradguard.wandb.WandbSink()``), or a list of them.
-        max_logged_layers: per-layer scalars for at most this many layers, spread over depth.
+    Takes gradguard's options, keyword-only, with the same names, defaults and checks as every
+    other host (see ``gradguard.Options``): ``clip`` (``"auto"``, ``"zscore"``, ``"percentile"``,
+    ``"agc"`` (a unit is a kernel's last axis), a float, ``None`` or a ``gradguard.ClipPolicy``),
+    ``log_every_n_steps`` (default 50; with ``steps_per_execution=k`` rounded up to a multiple of
+    k), ``skip_nonfinite``, ``sinks``, ``max_logged_layers``, ``measure_updates``, ``histograms``,
+    ``detector_config``, ``tracker_config``. An unknown option raises ``TypeError`` naming it.
+
+    Keras' own option:
         logs: which scalars go into Keras ``logs`` on log steps and epoch ends: ``"norms"``
             (default: ``grad/norm/*``, ``grad/depth_ratio`` and ``gradguard/*``), ``"all"``
             (every scalar the sinks get) or ``None``.
-        histograms: per-layer gradient histograms on log steps (default: when a sink asks for them).
-        measure_updates: measure the update the optimizer applied on log steps (a strided sample of
-            at most 4096 elements per variable), for the "updates dwarf the weights" test.
+
+    If the optimizer clips itself (``clipnorm``, ``global_clipnorm``, ``clipvalue``), that
+    clipping stays in charge: gradguard measures the gradients before it, never clips a second
+    time, and warns when ``clip`` is not ``None`` (as the Lightning callback does for
+    ``gradient_clip_val``). A step is one optimizer step: under ``gradient_accumulation_steps``
+    gradguard judges, clips and skips the accumulated gradients once per optimizer step.
+
+    Results: ``findings``, ``totals``, ``skipped_steps``, ``history``, ``layers`` (reading them is
+    a pure look: it never writes to sinks or changes later findings), ``close()``,
+    ``state_dict()`` / ``load_state_dict()``.
     """
 
-    def __init__(self, clip: Any = "auto", log_every_n_steps: int = 50, skip_nonfinite: bool = True,
-                 sinks: Any = None, *, max_logged_layers: int | None = 32, logs: str | None = "norms",
-                 histograms: bool | None = None, measure_updates: bool = True,
-                 detector_config: DetectorConfig | None = None,
-                 tracker_config: stats.TrackerConfig | None = None):
+    def __init__(self, *, logs: str | None = "norms", **options: Any):
         super().__init__()
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
-        if not isinstance(skip_nonfinite, bool):
-            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+        self.options = Options.of("GradGuardCallback", options)
         if logs not in _LOGS_MODES:
             raise ValueError(f"logs must be one of {_LOGS_MODES}, got {logs!r}")
-        if max_logged_layers is not None and (isinstance(max_logged_layers, bool) or
-                                              not isinstance(max_logged_layers, int) or max_logged_layers < 2):
-            raise ValueError(f"max_logged_layers must be None or an int >= 2, got {max_logged_layers!r}")
-        self.clip = clip
-        self.policy = clipping.resolve(clip)  # raises on a bad clip= now, not at fit time
-        self.log_every_n_steps = log_every_n_steps
-        self.skip_nonfinite = skip_nonfinite
         self.logs_mode = logs
-        self.max_logged_layers = max_logged_layers
-        self.measure_updates = bool(measure_updates)
-        self.detector_config = detector_config
-        self.tracker = tracker_config or stats.TrackerConfig()
+        self.clip = self.options.clip
+        self.policy = self.options.policy
+        self.log_every_n_steps = self.options.every()
         self._last = _LastRecord()
-        self._sinks = make_sinks(sinks)
-        self.histograms = histograms if histograms is not None else any(
+        self._sinks = make_sinks(self.options.sinks)
+        self.histograms = self.options.histograms if self.options.histograms is not None else any(
             getattr(s, "wants_histograms", False) for s in self._sinks)
-        self.monitor: Monitor | None = None
-        self.layers: list[LayerInfo] = []
+        self.pipeline: pipeline.Pipeline | None = None
         self.active_policy: clipping.ClipPolicy | None = None  # what runs: may be the optimizer's own clipping
         self._hook: ApplyHook | None = None
-        self._device: tuple[dict, int] | None = None  # state carried between fit calls / from load_state_dict
-        self._pending_monitor: dict | None = None
-        self._host_steps = 0
-        self._epoch_base = 0
-        self._next_log = log_every_n_steps
-        self._every = log_every_n_steps
+        self._carry: dict | None = None  # checkpoint to continue from: load_state_dict's, or the last fit's
+        self._model_ref: weakref.ref | None = None  # the model of the last fit
+        self._host_steps = 0  # optimizer steps completed (skipped ones included)
+        self._every = self.log_every_n_steps
+        self._fit_step0 = self._fit_batches = self._epoch_batches = self._micro0 = 0
+        self._accumulation = 0
+        self._left_on_device: tuple[dict, int] | None = None
         self.trace_count = 0  # times the hooked step was traced (TF/JAX) or run (torch, eager)
 
-    # ------------------------------------------------------------------ results
+    # ------------------------------------------------------------------ results (pure looks)
+
+    @property
+    def monitor(self) -> Monitor | None:
+        return self.pipeline.monitor if self.pipeline is not None else None
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return list(self.pipeline.layers) if self.pipeline is not None else []
 
     @property
     def findings(self) -> list[Finding]:
-        """Findings so far (steps since the last log step are evaluated at the end of every epoch
-        and of ``fit``)."""
-        return self.monitor.findings if self.monitor is not None else []
+        """Findings so far, the steps since the last log step included (judged without changing
+        anything: the window goes on, sinks see nothing)."""
+        return self._peek()[0]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Counters so far: steps, skipped, nonfinite, clipped, spikes, explosions."""
+        return self._peek()[1]
 
     @property
     def skipped_steps(self) -> int:
-        return self.monitor.totals["skipped"] if self.monitor is not None else 0
+        return int(self.totals.get("skipped", 0))
 
     @property
     def history(self):
         """``(step, per-layer window-mean gradient norm)`` per log step, for reports and heatmaps."""
         return list(self.monitor.history) if self.monitor is not None else []
+
+    def _peek(self) -> tuple[list[Finding], dict[str, int]]:
+        if self.pipeline is None:
+            return [], {}
+        hook = self._hook
+        if hook is not None and hook.state_var is not None:
+            _ = self.model  # on JAX this syncs the jitted step's state into the Variables
+            state, step, _ = hook.read()
+            decision_or_peek, _ = self.pipeline.observe(state, last_step=step - 1, commit=False)
+            return decision_or_peek
+        return self.monitor.findings, dict(self.monitor.totals)
 
     # ------------------------------------------------------------------ fit lifecycle
 
@@ -149,6 +158,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
             raise ValueError("GradGuardCallback needs a compiled model with an optimizer (model.optimizer is None)")
+        self._start_fresh_if_other_model(model)
         target = optimizer
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             target = optimizer.inner_optimizer  # unscaled gradients, only the steps the scaler applies
@@ -156,10 +166,13 @@ class GradGuardCallback(keras.callbacks.Callback):
         self._every = self.log_every_n_steps
         if self._every % spe:
             self._every = -(-self._every // spe) * spe
-            warnings.warn(f"gradguard: log_every_n_steps={self.log_every_n_steps} is not a multiple of "
-                          f"steps_per_execution={spe}; logging every {self._every} steps", stacklevel=2)
-        self._next_log = (self._host_steps // self._every + 1) * self._every
-        self._hook = ApplyHook(target, configure=lambda: self._configure(model, target))
+            warn_user(f"gradguard: log_every_n_steps={self.log_every_n_steps} is not a multiple of "
+                      f"steps_per_execution={spe}; logging every {self._every} steps")
+        self._accumulation = _compat.accumulation_steps(target)
+        self._micro0 = (int(np.asarray(_compat.micro_step_counter(target).numpy())) % self._accumulation
+                        if self._accumulation else 0)
+        self._fit_step0, self._fit_batches, self._epoch_batches = self._host_steps, 0, 0
+        self._hook = make_hook(target, configure=lambda: self._configure(model, target))
         if model.trainable_variables:
             if not optimizer.built:  # TF without a strategy builds it in the first trace; do it now
                 with _strategy_scope(model):
@@ -167,76 +180,78 @@ class GradGuardCallback(keras.callbacks.Callback):
             self._configure(model, target)
         # else (TF, a model built by its first trace): configured inside that trace
         self._hook.install()
+        if self.options.skip_nonfinite:
+            self._hook.guard_forward_state(model)
         model.make_train_function(force=True)  # retrace with the hook in place
 
+    def _start_fresh_if_other_model(self, model) -> None:
+        """A callback carries its state from one fit to the next of the same model (fine-tuning
+        included); on another model it starts fresh instead of judging it by the old one's EMA."""
+        previous = self._model_ref() if self._model_ref is not None else None
+        if self._model_ref is not None and previous is not model:
+            warn_user(f"gradguard: this GradGuardCallback watched another model before ({getattr(previous, 'name', '?')!r}"
+                      f"); it starts fresh for {model.name!r} (the other model's findings, totals and tracker are "
+                      "dropped). Use one GradGuardCallback per model.")
+            self.pipeline, self._carry, self._host_steps, self._left_on_device = None, None, 0, None
+        self._model_ref = weakref.ref(model)
+
     def _configure(self, model, target) -> None:
-        hook = self._hook
+        """Build the pipeline for the model as it is now (its trainable layers), continuing from
+        the last fit or a loaded checkpoint: layers that stay keep their state by name, layers that
+        join start fresh, findings and totals stay (the core's ``Pipeline.restore``)."""
         layout = describe_model(model)
-        names = [l.name for l in layout.layers]
-        if self.monitor is None:
-            self.layers = layout.layers
-            self.active_policy, apply_clip = self._policy_for(target)
-            self.monitor = Monitor(self.layers, layout.facts, policy_name=self.active_policy.name,
-                                   skip_nonfinite=self.skip_nonfinite, sinks=[self._last] + self._sinks,
-                                   config=self.detector_config, max_logged_layers=self.max_logged_layers)
-            if self._pending_monitor is not None:
-                self._check_layers(self._pending_monitor["layers"], names)
-                self.monitor.load_state_dict(self._pending_monitor["monitor"])
-                self._pending_monitor = None
-        else:
-            self._check_layers([l.name for l in self.layers], names)
-            self.active_policy, apply_clip = self._policy_for(target)
-        hist_layers = [int(i) for i in self.monitor.logged] if self.histograms else []
-        hook.configure(layers=self.layers, layer_of_var=layout.layer_of_var, unit_kernel=layout.unit_kernel,
-                       unit_bias=layout.unit_bias,
-                       policy=self.active_policy, tracker=self.tracker, skip_nonfinite=self.skip_nonfinite,
-                       apply_clip=apply_clip, snapshot_every=self._every, hist_layers=hist_layers,
-                       measure_updates=self.measure_updates)
-        if self._device is not None:
-            state, step = self._device
-            if set(state) != set(hook.layout.keys):
-                raise ValueError("saved gradguard state does not fit this model/clip policy "
-                                 f"(keys {sorted(state)[:4]}..., expected {hook.layout.keys[:4]}...)")
-            hook.set_initial(state, step)
+        self.active_policy, apply_clip = self._policy_for(target)
+        carry = self._carry
+        if carry is None and self.pipeline is not None and self._left_on_device is not None:
+            carry = self._checkpoint(*self._left_on_device)
+        self.pipeline = pipeline.Pipeline(layout.layers, layout.facts, self.options, sinks=[self._last] + self._sinks,
+                                          policy=self.active_policy, log_every_n_steps=self._every)
+        device_state = self.pipeline.restore(carry) if carry else self.pipeline.initial_state()
+        step = int(carry["step_count"]) if carry else 0
+        self._carry = None
+        hook = self._hook
+        hist_layers = [int(i) for i in self.pipeline.logged] if self.histograms else []
+        hook.configure(layout=self.pipeline.layout, layers=self.pipeline.layers, layer_of_var=layout.layer_of_var,
+                       unit_kernel=layout.unit_kernel, policy=self.active_policy, tracker=self.options.tracker,
+                       skip_nonfinite=self.options.skip_nonfinite, apply_clip=apply_clip,
+                       snapshot_every=self._every, hist_layers=hist_layers,
+                       measure_updates=self.options.measure_updates)
+        hook.set_initial(device_state, step)
+        self._left_on_device = (device_state, step)
         hook.ensure_variables()
 
     def _policy_for(self, optimizer) -> tuple[clipping.ClipPolicy, bool]:
-        """The policy that runs, and whether gradguard applies its scale. Never clip twice: the
-        optimizer's own clipping, if set, stays in charge."""
+        """The policy that runs, and whether gradguard applies its global scale. Never clip twice:
+        the optimizer's own clipping, if set, stays in charge."""
         own = [(name, getattr(optimizer, name, None)) for name in _KERAS_CLIP_ARGS]
         own = [(name, value) for name, value in own if value]
         if not own:  # a unit-wise rule (AGC) scales units itself, the global factor stays 1
-            return self.policy, self.policy.name != "none" and self.policy.unitwise is None
+            return self.policy, self.policy.scales_global
         name, value = own[0]
-        if self.clip is not None and self.clip != "auto":
-            warnings.warn(f"gradguard: the optimizer clips gradients itself ({name}={value!r}); "
-                          f"GradGuardCallback(clip={self.clip!r}) will not clip on top of it", stacklevel=3)
+        if self.clip is not None:
+            warn_user(f"gradguard: the optimizer clips gradients itself ({name}={value!r}), so "
+                      f"GradGuardCallback(clip={self.clip!r}) measures only and does not clip a second time. "
+                      f"Pass clip=None to silence this, or drop {name} to let gradguard clip.")
         if name == "global_clipnorm":
             rule = clipping.fixed(float(value))
             return clipping.ClipPolicy("keras_global_clipnorm", rule.init, rule.update,
                                        f"the optimizer's global_clipnorm={value:g} (Keras clips)"), False
         rule = clipping.no_clipping()
         return clipping.ClipPolicy(f"keras_{name}", rule.init, rule.update,
-                                   f"the optimizer's {name}={value:g} (Keras clips)"), False
-
-    @staticmethod
-    def _check_layers(saved, names):
-        if list(saved) != list(names):
-            raise ValueError(f"gradguard state was saved for layers {list(saved)[:5]}..., "
-                             f"this model has {list(names)[:5]}...")
+                                   f"the optimizer's {name}={value:g} (Keras clips)", scales_global=False), False
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_base = self._host_steps
+        self._epoch_batches = self._fit_batches
 
     def on_train_batch_end(self, batch, logs=None):
-        first = self._host_steps == 0
-        self._host_steps = self._epoch_base + int(batch) + 1
-        if self._host_steps < self._next_log and not first:
+        self._fit_batches = self._epoch_batches + int(batch) + 1
+        done = self._fit_step0 + (self._micro0 + self._fit_batches) // max(self._accumulation, 1)
+        before, self._host_steps = self._host_steps, done
+        if self.pipeline is None or done == before:
+            return  # an accumulation micro-step: the optimizer did not step
+        if not any(self.pipeline.is_log_step(s) for s in range(before, done)):
             return
-        self._next_log = (self._host_steps // self._every + 1) * self._every
-        # The very first step is judged (its update shows a learning rate or an init wrong from the
-        # start) but, as in the torch adapter, reported only when it is a regular log step.
-        record = self._observe(report=self._host_steps % self._every == 0)
+        record = self._observe(report=self.pipeline.is_report_step(done - 1))
         if record is not None and logs is not None:
             logs.update(self._logs_scalars(record))
 
@@ -252,14 +267,14 @@ class GradGuardCallback(keras.callbacks.Callback):
         try:
             if hook.state_var is not None:
                 self._observe()
-                self._device = self._left_on_device
         finally:
             self.trace_count += hook.traces
             hook.uninstall()
+            hook.unguard_forward_state()
             if hook.state_var is not None:
                 hook.remove_variables()
             self._hook = None
-            model = self._model  # no JAX sync needed: fit has synced already
+            model = _compat.callback_model_no_sync(self)  # no JAX sync needed: fit has synced already
             model.train_function = None  # the next fit traces without the hook
 
     # ------------------------------------------------------------------ log steps
@@ -273,38 +288,25 @@ class GradGuardCallback(keras.callbacks.Callback):
         self._left_on_device = (state, step)
         if float(state["acc_steps"]) == 0:
             return None
-        window = stats.WindowStats.from_state(state, last_step=step - 1)
-        snapshot = self._snapshot(hook, extras, window)
         self._last.record = None
-        decision = self.monitor.observe(window, snapshot, report=report)
-        fresh = dict(state)
-        fresh.update(stats.reset_window(len(self.layers)))
-        if decision.enable_clipping and "clip_enabled" in fresh:
-            fresh["clip_enabled"] = np.float32(1.0)  # an explosion the device-side tracker did not catch
+        self.pipeline.step = step
+        snapshot = self._snapshot(hook, extras, self.pipeline.window(state, last_step=step - 1))
+        _, fresh = self.pipeline.observe(state, last_step=step - 1, snapshot=snapshot, report=report)
         hook.write_state(fresh)
         self._left_on_device = (fresh, step)
         return self._last.record
 
-    def _snapshot(self, hook: ApplyHook, extras_vec, window) -> stats.Snapshot | None:
+    def _snapshot(self, hook: ApplyHook, extras_vec, window):
         ex = hook.extras_layout.parse(extras_vec)
         if not window.first_step <= ex["step"] <= window.last_step:
             return None  # no log-step extras in this window (e.g. an epoch-end flush)
-        numel = np.array([l.numel for l in self.layers], dtype=np.float64)
+        # A layer is NaN in the snapshot when it had no gradient in the window (not zero: no
+        # gradient is not a dead gradient).
         has = window.layer_steps + window.layer_nonfinite > 0
-        nan = np.full(len(self.layers), np.nan)
-        norm = np.where(has, np.sqrt(ex["norm_sq"]), nan)
-        weight_norm = np.sqrt(ex["weight_sq"]) if np.isfinite(ex["weight_sq"]).all() else None
-        update = (np.sqrt(ex["update_sq"]) if self.measure_updates and ex["finite"]
-                  and np.isfinite(ex["update_sq"]).all() else None)
-        hist = {self.layers[i].name: h for i, h in ex["hist"].items()} or None
-        measured = np.isfinite(ex["max_abs"]).any()  # not measured on JAX (see _graph.ApplyHook._jax_step)
-        return stats.Snapshot(norm=norm, rms=norm / np.sqrt(numel),
-                              max_abs=np.where(has, ex["max_abs"], nan) if measured else None,
-                              zero_frac=np.where(has, ex["zeros"] / numel, nan) if measured else None,
-                              weight_norm=weight_norm,
-                              weight_rms=None if weight_norm is None else weight_norm / np.sqrt(numel),
-                              update_norm=update,
-                              dead_units=ex["dead"], histograms=hist)
+        update = ex["update_sq"] if self.options.measure_updates and ex["finite"] else None
+        return self.pipeline.snapshot(pipeline.LayerSums(
+            has_grad=has, norm_sq=ex["norm_sq"], max_abs=ex["max_abs"], zeros=ex["zeros"],
+            weight_sq=ex["weight_sq"], update_sq=update, dead=ex["dead"], histograms=ex["hist"]))
 
     def _logs_scalars(self, record: LogRecord) -> dict[str, float]:
         if self.logs_mode is None:
@@ -319,63 +321,56 @@ class GradGuardCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _checkpoint(self, state: dict, step: int) -> dict[str, Any]:
+        self.pipeline.step = int(step)
+        return self.pipeline.state_dict({k: np.asarray(v).tolist() for k, v in state.items()},
+                                        host_steps=int(self._host_steps))
+
     def state_dict(self) -> dict[str, Any]:
-        """The monitor (findings, detector state, totals) and the device state (tracker, clipping
-        policy, the open window), JSON-ready. The optimizer's Variables are not in ``model.save``:
-        save this next to the model to resume with the same EMA, findings and counters."""
+        """The core's checkpoint (``gradguard.pipeline``): monitor (findings, detector state,
+        totals) and device state (tracker, clipping policy, the open window), JSON-ready. The
+        optimizer's Variables are not in ``model.save``: save this next to the model to resume
+        with the same EMA, findings and counters."""
+        if self.pipeline is None:
+            return dict(self._carry) if self._carry else {}
         if self._hook is not None and self._hook.state_var is not None:
             _ = self.model
             state, step, _ = self._hook.read()
-        elif self._device is not None:
-            state, step = self._device
+        elif self._left_on_device is not None:
+            state, step = self._left_on_device
         else:
             return {}
-        return {
-            "version": 1,
-            "layers": [l.name for l in self.layers],
-            "step_count": int(step),
-            "host_steps": int(self._host_steps),
-            "device_state": {k: np.asarray(v).tolist() for k, v in state.items()},
-            "monitor": self.monitor.state_dict(),
-        }
+        return self._checkpoint(state, step)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s output at the next fit (on this or a rebuilt model:
+        layers are matched by name; other shapes under the same names are refused; another
+        ``clip`` keeps tracker, findings and totals and starts the new policy fresh)."""
         if not state:
             return
-        if state.get("version") != 1:
-            raise ValueError(f"unknown gradguard state version {state.get('version')!r}")
-        device = {k: np.asarray(v, dtype=np.float32) for k, v in state["device_state"].items()}
-        self._device = (device, int(state["step_count"]))
+        if state.get("version") not in (1, pipeline.CHECKPOINT_VERSION) or "device_state" not in state:
+            raise ValueError(f"not a gradguard state dict (version {state.get('version')!r}, keys {sorted(state)[:6]})")
+        self._carry = dict(state)
         self._host_steps = int(state.get("host_steps", state["step_count"]))
-        if self.monitor is None:
-            self._pending_monitor = {"layers": state["layers"], "monitor": state["monitor"]}
-        else:
-            self._check_layers(state["layers"], [l.name for l in self.layers])
-            self.monitor.load_state_dict(state["monitor"])
-        if self._hook is not None and self._hook.state_var is not None:
+        self._model_ref = None  # the state is meant for the model of the next fit
+        self._left_on_device = None
+        if self._hook is not None and self._hook.state_var is not None:  # during fit: now
             _ = self.model
-            self._hook.set_initial(*self._device)
+            device = self.pipeline.restore(self._carry)
+            self._hook.set_initial(device, int(state["step_count"]))
+            self._carry = None
 
     def close(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
+        else:
+            for sink in self._sinks:
+                with contextlib.suppress(Exception):
+                    sink.close()
 
 
-class _strategy_scope:
-    def __init__(self, model):
-        self.model = model
-        self._ctx = None
-
-    def __enter__(self):
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-            strategy = getattr(self.model, "_distribute_strategy", None)
-            if strategy is not None and not tf.distribute.has_strategy():
-                self._ctx = strategy.scope()
-                self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-        return False
+def _strategy_scope(model):
+    if keras.backend.backend() == "tensorflow":
+        from gradguard.keras._backend_tf import strategy_scope
+        return strategy_scope(model)
+    return contextlib.nullcontext()

@@ -7,6 +7,7 @@ import math
 
 import keras
 
+from gradguard.keras import _compat as compat
 from gradguard.layers import LayerInfo, ModelFacts
 
 # Layers whose main weight's last axis holds the output units (a unit is dead when its column of
@@ -28,7 +29,6 @@ class ModelLayout:
     facts: ModelFacts
     layer_of_var: dict[int, int]  # id(keras Variable) -> layer index
     unit_kernel: dict[int, int]  # layer index -> id of the kernel whose last axis holds the units
-    unit_bias: dict[int, int] = dataclasses.field(default_factory=dict)  # layer index -> id of its bias
 
 
 def activation_name(fn) -> str | None:
@@ -40,9 +40,7 @@ def activation_name(fn) -> str | None:
 
 
 def _flatten_layers(model):
-    # Depth first in attribute/model order; for Sequential and functional models this is
-    # the order of model.layers, nested models and custom layers expanded in place.
-    return list(model._flatten_layers(include_self=True, recursive=True))
+    return compat.flatten_layers(model)
 
 
 def describe_model(model: "keras.Model") -> ModelLayout:
@@ -51,13 +49,23 @@ def describe_model(model: "keras.Model") -> ModelLayout:
     trainable = {id(v): v for v in model.trainable_variables}
     if not trainable:
         raise ValueError(f"model has no trainable variables to watch (model={model.name!r})")
-    owners = []
+    # A recurrent layer's weights belong to its cell (LSTMCell...); findings name the layer the
+    # user built (``lstm``), not the cell (``lstm_cell``).
+    flat = _flatten_layers(model)
+    cell_owner = {id(l.cell): l for l in flat if isinstance(l, keras.layers.RNN) and getattr(l, "cell", None) is not None}
+    owners: list = []
+    at: dict[int, int] = {}
     seen: set[int] = set()
-    for layer in _flatten_layers(model):
-        own = [v for v in getattr(layer, "_trainable_variables", []) if id(v) in trainable and id(v) not in seen]
+    for layer in flat:
+        own = [v for v in compat.own_trainable_variables(layer) if id(v) in trainable and id(v) not in seen]
         if own:
             seen.update(id(v) for v in own)
-            owners.append((layer, own))
+            owner = cell_owner.get(id(layer), layer)
+            if id(owner) in at:
+                owners[at[id(owner)]][1].extend(own)
+            else:
+                at[id(owner)] = len(owners)
+                owners.append((owner, own))
     # Variables no layer claims directly (rare: created on the model by a custom train loop).
     stray = [v for k, v in trainable.items() if k not in seen]
     groups: dict[str, list] = {}
@@ -68,7 +76,6 @@ def describe_model(model: "keras.Model") -> ModelLayout:
     layers: list[LayerInfo] = []
     layer_of_var: dict[int, int] = {}
     unit_kernel: dict[int, int] = {}
-    unit_bias: dict[int, int] = {}
     parameterised = [layer for layer, _ in owners]
     last_layer = parameterised[-1] if parameterised else None
     for layer, own in owners:
@@ -91,9 +98,6 @@ def describe_model(model: "keras.Model") -> ModelLayout:
             layer_of_var[id(v)] = index
         if is_unit:
             unit_kernel[index] = id(kernel)
-            bias = next((v for v in own if tuple(v.shape) == (units,)), None)
-            if bias is not None:
-                unit_bias[index] = id(bias)
     for group, vs in groups.items():
         info = LayerInfo(_unique(group or "variables", names), "Variable", int(sum(math.prod(v.shape) for v in vs)))
         names.append(info.name)
@@ -102,7 +106,7 @@ def describe_model(model: "keras.Model") -> ModelLayout:
         layers.append(info)
 
     acts, norm, rec = set(), False, set()
-    for layer in _flatten_layers(model):
+    for layer in flat:
         cls = type(layer).__name__.lower()
         if "normalization" in cls and cls != "normalization":  # keras.layers.Normalization is preprocessing
             norm = True
@@ -120,7 +124,7 @@ def describe_model(model: "keras.Model") -> ModelLayout:
             name = activation_name(getattr(layer, "activation", None))
             if name:
                 acts.add(name)
-    return ModelLayout(layers, ModelFacts.of(acts, norm, rec), layer_of_var, unit_kernel, unit_bias)
+    return ModelLayout(layers, ModelFacts.of(acts, norm, rec), layer_of_var, unit_kernel)
 
 
 def _unique(name: str, taken: list[str]) -> str:

@@ -364,6 +364,11 @@ class Pipeline:
         return state
 
 
+# Window accumulators with one column per layer (plus the global one). Not every window field is
+# per layer: acc_count/acc_first have a fixed width of 3, which a 2-layer model's width matches.
+_PER_LAYER_WINDOW_KEYS = ("acc_sum", "acc_max", "acc_min", "acc_last")
+
+
 def remap_row(row: Sequence[float], old_names: Sequence[str], new_names: Sequence[str]) -> list[float]:
     """A per-layer row re-ordered by name (NaN for layers the old row did not have)."""
     at = {n: i for i, n in enumerate(old_names)}
@@ -386,7 +391,7 @@ def remap_layers(old: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray],
         o = old.get(k)
         if o is None:
             out[k] = np.array(v, np.float32)
-        elif k in stats.window_keys() and np.ndim(o) >= 1 and np.shape(o)[-1] == width_old:
+        elif k in _PER_LAYER_WINDOW_KEYS and np.ndim(o) >= 1 and np.shape(o)[-1] == width_old:
             new = np.array(v, np.float32)
             for j, i in enumerate(src):
                 if i >= 0:

@@ -1,0 +1,154 @@
+"""torch: the step runs eagerly, so the host knows the log steps and accumulation micro-steps
+without a sync, and plain torch calls replace ``keras.ops``' per-call dispatch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from keras import ops
+
+from gradguard.keras import _compat as compat
+from gradguard.keras._graph import F32, ApplyHook, _add, _max
+from gradguard.torch import torch_ops
+
+
+class TorchApplyHook(ApplyHook):
+    xp = torch_ops
+    samples_weights = False  # the host knows the log step: weights are sampled just around it
+
+    def __init__(self, optimizer, configure):
+        super().__init__(optimizer, configure)
+        self._py_step = 0  # optimizer steps, counted on the host
+        self._micro = 0  # position inside the accumulation window, counted on the host
+
+    def set_initial(self, state, step) -> None:
+        super().set_initial(state, step)
+        self._py_step = int(step)
+
+    def install(self) -> None:
+        super().install()
+        if self.accumulation:  # one read at fit start; counted on the host from here on
+            self._micro = int(compat.micro_step_counter(self.optimizer).numpy()) % self.accumulation
+
+    # ------------------------------------------------------------ primitives
+
+    def sum_squares(self, meas):
+        return [n * n for n in torch._foreach_norm(list(meas), 2)]  # one fused kernel launch
+
+    def layer_sums(self, per_layer, state_now):
+        zero = torch.zeros((), device=state_now.device)
+        layer_sq = torch.stack([_add(p) if p else zero for p in per_layer])
+        key = tuple(bool(p) for p in per_layer)
+        if getattr(self, "_has_key", None) != key:
+            self._has_key = key
+            self._has_grad = torch.tensor([float(k) for k in key], device=state_now.device)
+        return layer_sq, self._has_grad
+
+    def pack(self, state):
+        parts = [v.reshape(-1).float() if isinstance(v, torch.Tensor) else torch.tensor([float(v)])
+                 for v in (state[k] for k in self.layout.keys)]
+        device = next((p.device for p in parts if p.device.type != "cpu"), parts[0].device)
+        return torch.cat([p.to(device) for p in parts])
+
+    def _measures_this_call(self) -> bool:
+        if not self.accumulation:
+            return True
+        self._micro = (self._micro + 1) % self.accumulation
+        return self._micro == 0  # the call that completes the window: the optimizer steps
+
+    def _is_update_step(self):
+        return None  # only update steps reach the bookkeeping (see _measures_this_call)
+
+    def _skip_effects(self) -> None:
+        super()._skip_effects()
+        self._micro = 0
+
+    # ------------------------------------------------------------ forward state
+
+    def _guarded_train_step(self, data):
+        # Copies of the (small) statistics; the step's own host read of the gate decides.
+        with torch.no_grad():
+            before = [v.value.detach().clone() for v in self._watched]
+        self.step_finite = None
+        logs = self._train_step(data)
+        if self.step_finite is False:
+            with torch.no_grad():
+                for v, value in zip(self._watched, before):
+                    v.value.copy_(value)
+        return logs
+
+    # ------------------------------------------------------------ the step
+
+    def _step(self, step, state_now, step_now, has_grad):
+        step.step_f = step_now.float()  # a copy: the Variable is updated in place below
+        scale, finite, new_vec = self._device_step(state_now, step.layer_sq, has_grad)
+        self.step_finite = finite
+        # In place, as Variable.assign would (the step runs under torch.no_grad), without its dispatch.
+        self.state_var.value.copy_(new_vec)
+        self.step_var.value.add_(1)
+        is_snap = self._py_step == 0 or (self._py_step + 1) % self.snapshot_every == 0  # host-counted: no sync
+        self._py_step += 1
+        apply, tv = self._apply, step.trainable_variables
+        if not self.skip_nonfinite:
+            def update():
+                apply(self._scaled(step, scale) if self.apply_clip else step.grads, tv)  # no host sync
+        else:
+            # The one host sync of a non-log step (as GradScaler has) decides both: skip, and
+            # whether the clipping pass changes anything.
+            code = int(finite + 2.0 * (scale < 1.0)) if self.apply_clip else int(finite)
+            self.step_finite = bool(code & 1)
+
+            def update():
+                if code & 1:
+                    apply(self._scaled(step, scale) if code & 2 else step.grads, tv)
+                else:
+                    self._skip_effects()
+        if is_snap:
+            before = self._before(step.pvars, step.lidx, step.samples)
+            update()
+            self.extras_var.assign(self._extras(step, finite, before))
+        else:
+            update()
+
+    # ------------------------------------------------------------ log-step extras (exact on torch)
+
+    def _before(self, pvars, lidx, samples):
+        """[weight sum of squares per layer, strided weight samples], taken before the update
+        (copies: torch updates the weights in place)."""
+        per_layer: list[list] = [[] for _ in range(self.n_layers)]
+        for v, li in zip(pvars, lidx):
+            if li >= 0:
+                per_layer[li].append(ops.sum(ops.square(ops.cast(v.value, F32))))
+        zero = ops.zeros((), F32)
+        picked = [ops.cast(ops.reshape(pvars[i].value, (-1,))[::stride], F32) for i, stride, _ in samples]
+        return ops.concatenate([ops.stack([_add(p) if p else zero for p in per_layer])] + picked, axis=0)
+
+    def _extras(self, step, finite, before):
+        """The exact extras vector (see ``ExtrasLayout``), after the update."""
+        L = self.n_layers
+        meas, pvars, lidx = step.meas, step.pvars, step.lidx
+        zero = ops.zeros((), F32)
+        max_abs: list[list] = [[] for _ in range(L)]
+        zeros: list[list] = [[] for _ in range(L)]
+        update: list[list] = [[] for _ in range(L)]
+        for m, li in zip(meas, lidx):
+            if li >= 0:
+                max_abs[li].append(ops.max(ops.abs(m)))
+                zeros[li].append(ops.sum(ops.cast(ops.equal(m, 0.0), F32)))
+        o = L
+        for i, stride, n in step.samples:
+            li = lidx[i]
+            old = before[o:o + n]
+            o += n
+            if li >= 0:
+                new = ops.cast(ops.reshape(pvars[i].value, (-1,))[::stride], F32)
+                update[li].append(ops.sum(ops.square(new - old)) * (math.prod(pvars[i].shape) / n))
+        parts = [ops.reshape(step.step_f, (1,)), ops.reshape(finite, (1,)), step.layer_sq,
+                 ops.stack([_max(p) if p else zero for p in max_abs]),
+                 ops.stack([_add(p) if p else zero for p in zeros]),
+                 before[:L],
+                 ops.stack([_add(p) if p else zero for p in update])]
+        parts.extend(self._dead_units(step))
+        parts.extend(self._histograms(meas, lidx))
+        return ops.concatenate(parts, axis=0)

@@ -1,0 +1,147 @@
+"""Everyday Keras workflows with real ``model.fit`` on the TensorFlow, JAX and torch backends:
+gradient accumulation, fine-tuning, a callback reused on another model, reading results
+mid-run, resuming under another ``clip=``, zscore/percentile, BatchNormalization statistics after
+a skipped step, recurrent layer names, the one options surface (issues 7, 8, 13).
+
+Like test_keras.py: each backend runs its cases from ``tests/keras_cases.py`` in one subprocess
+(the three start together on first use); the tests assert on the JSON they print.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from keras_runner import BACKENDS, CaseRunner
+
+CASES = ["accumulation", "fine_tune", "other_model", "pure_look", "clip_change", "policies", "bn_skip",
+         "lstm_names", "surface", "dead_units", "other_shapes"]
+_runner = CaseRunner({backend: CASES for backend in BACKENDS})
+
+
+def case(backend: str, name: str) -> dict:
+    return _runner.case(backend, name)
+
+
+def kinds(findings) -> list[str]:
+    return [f["kind"] for f in findings]
+
+
+backends = pytest.mark.parametrize("backend", BACKENDS)
+
+
+@backends
+def test_gradient_accumulation_measures_clips_and_skips_per_optimizer_step(backend):
+    r = case(backend, "accumulation")
+    c = r["clip"]  # 8 micro-batches, accumulation 4: two optimizer steps
+    assert c["steps"] == 2 and c["iterations"] == 2
+    assert c["still_during_window"]  # micro-batches only accumulate
+    # What the optimizer applied is the accumulated gradient clipped to 0.5, once per step.
+    assert c["applied_first"] == pytest.approx(0.5, rel=2e-3)
+    assert c["applied_second"] == pytest.approx(0.5, rel=2e-3)
+    assert c["clipped"] == 2 and c["policy"] == "fixed"
+    raw = [float(v) for v in c["raw_norms"] if v is not None]
+    assert len(raw) == 2 and all(v > 0.5 for v in raw)  # logged once per optimizer step
+    agc = r["agc"]
+    assert agc["worst_unit_ratio"] <= 1.001 and agc["moved"] > 0
+    s = r["skip"]  # 16 micro-batches: 4 optimizer steps, the second poisoned
+    assert s["steps"] == 4 and s["skipped"] == 1
+    assert s["iterations"] == 3  # the optimizer (and its schedule) never counted the skipped step
+    assert s["finite"] and s["opt_finite"] and s["skip_kept_weights"] and s["next_moved"]
+    assert kinds(s["findings"]) == ["nonfinite"] and s["findings"][0]["step"] == 1
+
+
+@backends
+def test_fine_tuning_freeze_fit_unfreeze_fit_with_the_same_callback(backend):
+    r = case(backend, "fine_tune")
+    assert r["first"]["layers"] == ["hidden_2", "head"] and r["first"]["steps"] == 16
+    assert r["layers"] == ["hidden_0", "hidden_1", "hidden_2", "head"]
+    assert r["steps"] == 32 and r["skipped"] == 1  # totals stay
+    assert kinds(r["findings"]) == ["nonfinite"]  # findings stay
+    assert float(r["trk_count"]) == float(r["first"]["trk_count"]) + 16  # the tracker went on
+    assert r["finite"] and r["history_width"] == 4
+
+
+@backends
+def test_a_callback_reused_on_another_model_starts_fresh(backend):
+    r = case(backend, "other_model")
+    assert kinds(r["first"]["findings"]) == ["nonfinite"] and r["first"]["steps"] == 16
+    assert len(r["warnings"]) == 1
+    assert r["findings"] == [] and r["steps"] == 4  # nothing of the first model's run
+    assert r["layers"] == ["other_0", "other_1", "head"]
+
+
+@backends
+def test_reading_results_is_a_pure_look(backend):
+    r = case(backend, "pure_look")
+    plain, peeked = r["plain"], r["peeked"]
+    assert peeked["sink_steps"] == plain["sink_steps"]  # no extra records
+    assert peeked["sink_findings"] == plain["sink_findings"]
+    assert peeked["findings"] == plain["findings"] and peeked["totals"] == plain["totals"]
+    assert set(kinds(plain["findings"])) >= {"nonfinite", "vanishing"}
+    seen = peeked["seen"]
+    # The pending steps are evaluated: the skipped step 3 shows at once, not at the next log step.
+    assert [s[2] for s in seen[:5]] == [0, 0, 0, 1, 1]
+    assert [s[1] for s in seen[:5]] == [1, 2, 3, 4, 5]
+
+
+@backends
+def test_resume_under_another_clip_policy(backend):
+    r = case(backend, "clip_change")
+    for clip, policy in (("zscore", "zscore"), ("0.5", "fixed"), ("percentile", "percentile")):
+        c = r[clip]
+        assert c["policy"] == policy, clip
+        assert c["steps"] == 32 and c["skipped"] == 1, clip  # totals carried
+        assert kinds(c["findings"]) == ["nonfinite"], clip  # findings carried
+        assert len(c["warnings"]) == 1 and "'auto'" in c["warnings"][0] and policy in c["warnings"][0], clip
+        assert c["finite"], clip
+
+
+@backends
+def test_zscore_and_percentile_clip_through_keras(backend):
+    r = case(backend, "policies")
+    z, p = r["zscore"], r["percentile"]
+    assert z["policy"] == "zscore" and z["finite"] and z["totals"]["clipped"] >= 1
+    assert all(math.isfinite(v) for v in z["loss"])
+    assert p["policy"] == "percentile" and p["finite"]
+    assert p["totals"]["clipped"] >= p["totals"]["steps"] // 2  # AutoClip p=10 clips most steps
+
+
+@backends
+def test_skipped_step_restores_batchnorm_statistics(backend):
+    r = case(backend, "bn_skip")
+    assert r["skipped"] == 1 and kinds(r["findings"]) == ["nonfinite"]
+    assert r["skip_kept_all"]  # weights, moving mean and variance as before the poisoned step
+    assert r["weights_finite"] and r["predict_finite"]
+    assert r["stats_moved"]  # healthy steps still update the statistics
+
+
+@backends
+def test_recurrent_layer_is_named_not_its_cell(backend):
+    r = case(backend, "lstm_names")
+    assert r["layers"] == ["embedding", "lstm", "head"]
+    assert "grad/norm/lstm" in r["keys"] and not any("cell" in k for k in r["keys"])
+
+
+@backends
+def test_one_options_surface(backend):
+    r = case(backend, "surface")
+    assert r["unknown"] is not None and "colour" in r["unknown"]
+    assert r["measure_updates"] is not None and "measure_updates" in r["measure_updates"] and "'no'" in r["measure_updates"]
+    assert r["numpy_int"] == 7
+    assert r["before_fit"] == {"findings": [], "totals": {}, "skipped": 0, "history": [], "layers": []}
+
+
+@backends
+def test_dead_units_by_the_core_rule(backend):
+    r = case(backend, "dead_units")
+    dead = [f for f in r["findings"] if f["kind"] == "dead"]
+    assert len(dead) == 1 and dead[0]["layers"] == ["hidden_1"], r["findings"]
+
+
+@backends
+def test_state_of_another_model_is_refused(backend):
+    r = case(backend, "other_shapes")
+    assert r["wider"] is not None and "hidden_0" in r["wider"] and "different model" in r["wider"]
+    assert r["renamed"] is not None and "no layer in common" in r["renamed"]

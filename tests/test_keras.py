@@ -87,11 +87,15 @@ def test_bad_init_diverges_without_help_and_auto_clipping_rescues_it(backend):
     assert not r["plain_finite"]  # plain fit: the weights become NaN/Inf
     assert r["finite"]
     assert all(math.isfinite(num(v)) for v in r["loss"])
-    f = the(r, "exploding")
-    assert "Clipping is now on" in f["message"]
+    # The tracker confirmed the explosion within the first steps and the latch switched clipping on for
+    # good; whether a finding follows depends on evidence the clipping removes (issue 12: a finding needs
+    # growth that is sustained, an overflow, or updates that dwarf the weights), so it is not asserted.
+    assert r["totals"]["explosions"] >= 1
     assert r["clip_enabled_step"] is not None and r["clip_enabled_step"] <= 3
     assert r["totals"]["clipped"] >= 1
-    assert REMEDIES["clipping"] in f["remedies"]
+    for f in r["findings"]:
+        if f["kind"] == "exploding":
+            assert "Clipping is now on" in f["message"] and REMEDIES["clipping"] in f["remedies"]
 
 
 def _check_skip(r, skipped, steps):
@@ -165,7 +169,9 @@ def test_auto_clipping_switches_on_inside_the_compiled_step(backend):
     assert applied == pytest.approx(threshold, rel=1e-3)
     assert applied < raw / 100
     assert [num(v) for v in r["clipped"][s:]][0] == 1.0
-    assert the(r, "exploding")["step"] == s and r["clip_enabled_step"] == s
+    # One bad batch clipped on its own step is protection, not a diagnosis: a lone spike that does not
+    # persist is not growth feeding on itself (issue 12), so it is not an `exploding` finding.
+    assert r["clip_enabled_step"] == s and "exploding" not in [f["kind"] for f in r["findings"]]
     if backend != "torch":  # torch runs the step eagerly, every call is a "trace"
         assert r["traces"] == 1  # switched on without retracing
 

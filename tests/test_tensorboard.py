@@ -73,7 +73,9 @@ def test_scalars_every_step_histograms_heatmap_and_findings_reach_the_event_file
     assert img.shape[0] > 100 and img.shape[1] > 100 and img.shape[0] == images[-1].height
 
     kinds = {f.kind for f in findings}
-    assert "vanishing" in kinds and "exploding" in kinds
+    # the one-step 1e4x spike is clipped by clip="auto" and counted, but a lone step that does not
+    # persist is not an exploding finding (issue 12); every finding that exists reaches the event file
+    assert "vanishing" in kinds
     for kind in kinds:
         events = acc.Tensors(f"gradguard/finding/{kind}")
         text = events[-1].tensor_proto.string_val[0].decode()

@@ -75,9 +75,12 @@ def test_auto_clipping_rescues_the_same_run():
     losses = train(model, guard, steps=150, opt="sgd", lr=0.5)
     assert all_finite(model) and all(math.isfinite(v) for v in losses)
     assert losses[-1] < 1.0  # it went on learning
-    e = kinds(guard)["exploding"]
-    assert "Clipping is now on" in e.message and e.evidence["spikes"] >= 1
-    assert guard.engine.monitor.totals["clipped"] >= 1 and guard.skipped_steps == 0
+    # The device-side tracker confirmed the excursion and the latch switched clipping on for good; the
+    # clipped excursion lasted 3 steps, so the evidence a finding needs (growth sustained, an overflow,
+    # updates that dwarf the weights) never arose: protection and diagnosis are separate (issue 12).
+    monitor = guard.engine.monitor
+    assert monitor.totals["explosions"] >= 1 and monitor.clip_enabled_step is not None
+    assert monitor.totals["clipped"] >= 1 and guard.skipped_steps == 0
 
 
 def test_dead_relu_units_are_found():
@@ -297,7 +300,10 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
     for k in a["device_state"]:
         torch.testing.assert_close(a["device_state"][k], b["device_state"][k], rtol=0, atol=0, msg=k)
     assert json.dumps(a["monitor"], sort_keys=True) == json.dumps(b["monitor"], sort_keys=True)
-    assert {f.kind for f in whole.findings} >= {"vanishing", "exploding"}
+    # the 1e4x step after the checkpoint is confirmed and clipped by the tracker (a lone step that
+    # clip="auto" contained is not an exploding finding, issue 12); the vanishing finding spans the resume
+    assert {f.kind for f in whole.findings} >= {"vanishing"}
+    assert whole.engine.monitor.totals["explosions"] >= 1 and resumed.engine.monitor.totals["explosions"] >= 1
     assert whole.findings == resumed.findings
 
 
@@ -399,7 +405,7 @@ def test_vanishing_through_time_in_a_plain_rnn():
     guard = GradGuard(model, log_every_n_steps=25)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
-    for _ in range(60):
+    for _ in range(125):  # through-time vanishing must persist 100 optimizer steps to be a finding
         tokens = torch.randint(0, 16, (32, model.T), generator=g)
         opt.zero_grad()
         nn.functional.cross_entropy(model(tokens), tokens[:, 0] % 4).backward()
@@ -407,6 +413,7 @@ def test_vanishing_through_time_in_a_plain_rnn():
     v = kinds(guard)["vanishing"]
     assert v.layers == ("rnn",) and v.evidence["time_steps"] == 100
     assert "plain RNN" in v.cause and any("LSTM" in r for r in v.remedies)
+    assert v.step == 99 and v.evidence["held_for_steps"] >= 100  # measured at 0, 24, 49, 74, 99: held 100 steps
 
 
 def test_a_lone_spike_is_clipped_but_not_an_explosion():

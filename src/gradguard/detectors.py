@@ -1,15 +1,21 @@
 """Detectors: pure functions from one window of statistics (plus their own small state) to a
-candidate finding. They run on log steps, on the host, in numpy.
+candidate finding. They run on log steps, on the host, in numpy. Every threshold that decides a
+finding is a ``DetectorConfig`` field, with the physics behind its value.
 
 They judge the physics, not a few models' numbers:
 
 * vanishing is orders of magnitude: the early layers' gradient RMS sits ``vanishing_ratio`` (1e-4)
   or further below the later layers' for the whole window. Healthy nets, deep normalized CNNs
   included, stay within about three orders of magnitude; a factor of 2 to 10 means nothing.
-* exploding is growth over time (the global norm jumping an order of magnitude above the run's own
-  running level) or updates that dwarf the weights they change, measured on what the optimizer
-  actually applied. A large gradient alone is not an explosion: Adam turns it into a small step.
-* dead units have a gradient of exactly zero on every sampled step.
+  Through time (recurrent modules) it must persist: the first steps of a net that learns are a phase.
+* exploding is growth that feeds on itself and shows in what the optimizer applies: a norm that
+  stays far above the run's level, updates that dwarf the weights, an overflow right after a spike,
+  or a level rising window after window. A burst that returns by itself is not an explosion, and a
+  large gradient alone is not either: Adam turns it into a small step.
+* dead units have a gradient of exactly zero for longer than the run's own noise explains, while
+  gradient still reaches their layer; zero gradients by design (unrouted experts, unused rows,
+  frozen parts) are not death.
+* every finding's ``step`` is the optimizer step at which its condition was established.
 """
 
 from __future__ import annotations
@@ -27,26 +33,102 @@ from gradguard.stats import Snapshot, WindowStats
 
 @dataclasses.dataclass(frozen=True)
 class DetectorConfig:
-    vanishing_ratio: float = 1e-4  # early-layer RMS / later-layer RMS below this: vanishing
-    vanishing_critical_ratio: float = 1e-8
-    vanishing_median_ratio: float = 1e-2  # ...and this far below the later half's median layer
-    min_steps: int = 10  # a condition must hold over this many optimizer steps to be a finding
-    dead_fraction: float = 0.5  # at least this share of a layer's units dead
-    dead_snapshots: int = 3  # consecutive log steps on which a unit's gradient was exactly zero
-    update_ratio_warning: float = 0.3  # one step changed the weights by a third of their norm (healthy: 0.1-5%)
-    update_ratio: float = 1.0  # update norm / weight norm above this: the update dwarfs the weights
-    saturation_fraction: float = 0.5  # share of activations in the flat tails
-    small_init_gain: float = 0.25  # weight RMS * sqrt(fan_in) below this: initialised too small
+    """Every threshold that decides a finding, with the physics behind its value.
+
+    Counts of "steps" are optimizer steps, never log steps: a finding must not depend on how often
+    the user logs (``log_every_n_steps``)."""
+
+    # -- vanishing (depth) --------------------------------------------------------------------------
+    # Collapsed sigmoid/tiny-init stacks put their first layer 1e-6..1e-14 below the head; healthy nets,
+    # deep BN CNNs whose first layer gets ~170x *more* than the head included, stay within ~3 orders.
+    vanishing_ratio: float = 1e-4  # early-layer RMS / largest later-layer RMS below this: vanishing
+    vanishing_critical_ratio: float = 1e-8  # 8 orders: the early layers do not learn at all in float32
+    # ...and the first layer this far below the later half's *median* layer: the gradient shrinks going
+    # back, rather than one large head (a converged classifier's last layer) dwarfing every other layer.
+    vanishing_median_ratio: float = 1e-2
+    min_steps: int = 10  # a condition must hold over this many optimizer steps (~the tracker's memory)
+
+    # -- vanishing through time (recurrent modules) -------------------------------------------------
+    # An LSTM that learns starts with the gradient to its first time step 5 orders under the last one's
+    # and clears within a few tens of steps as its gates open (measured: 1e-5 at steps 0-20, 0.5 at step
+    # 40). Only a collapse held on every measurement for this many optimizer steps is a finding.
+    temporal_min_steps: int = 100
+    temporal_min_measurements: int = 2  # ...seen on at least this many log steps (never one batch)
+
+    # -- exploding ------------------------------------------------------------------------------------
+    # Healthy runs apply updates of 0.01%..5% of the weights' norm per step (Adam at 1e-3 on He-init
+    # weights: ~0.1%). A step that moves the weights by 30% is far outside that; twice in a row (two
+    # measurements) it is a learning rate the weights cannot sustain.
+    update_ratio_warning: float = 0.3
+    update_ratio: float = 1.0  # one update larger than the weights themselves: divergence at once
+    # ...or a large one followed by the weights' norm doubling by the next measurement: the update fed on
+    # itself (after an ordinary step the total weight norm moves by a few percent, not 2x).
+    weight_growth: float = 2.0
+    # The spike tracker confirms an excursion from 2 elevated steps, which is right for clipping (it must
+    # protect at once) but not for a finding: recurrent nets and large-batch nets late in training show
+    # bursts of 2-5 steps of 10-70x that return by themselves. An explosion feeds on itself: the norm
+    # stays elevated (>= sqrt(spike_factor) over the pre-excursion level) for this many consecutive steps,
+    # about the tracker's memory, during which a real divergence has grown by orders of magnitude.
+    explosion_sustain_steps: int = 10
+    # ...and it shows in what the optimizer applies: an update measured during the excursion that did not
+    # grow at least this much over the run's own typical update (Adam normalises a large gradient into an
+    # ordinary step) vetoes it. sqrt(10): SGD's update grows with the gradient, which is elevated >= 3.2x.
+    explosion_update_growth: float = 3.0
+    # Slow divergence (no single jump; the tracker's level follows it): the global norm grows this much
+    # over its lowest level of the run, rising on each of ``divergence_windows`` log windows that span at
+    # least ``divergence_min_steps`` steps, while the applied update grows by explosion_update_growth.
+    divergence_factor: float = 100.0
+    divergence_windows: int = 3
+    divergence_min_steps: int = 30
+
+    # -- dead units -----------------------------------------------------------------------------------
+    dead_fraction: float = 0.5  # at least this share of a layer's units dead (a few dead ReLUs are normal)
+    dead_snapshots: int = 3  # a unit is never judged dead from fewer zero-gradient snapshots than this
+    # A unit's gradient is exactly zero on a batch when it is inactive for every sample of it. With a
+    # large batch a live unit is almost never silent; with a batch of one, half of the ReLUs are silent
+    # on any sample. The streak a unit needs is the one a live unit of this layer (silent on a share q of
+    # snapshots, measured on the run itself) would reach by chance with probability ``dead_chance``:
+    # log(dead_chance)/log(q) snapshots (3 at q=0.1, 10 at q=0.5, 31 at q=0.8). Per unit 1e-3 is ample:
+    # a layer is reported only when half of its units are dead at once.
+    dead_chance: float = 1e-3
+    dead_min_steps: int = 50  # ...and the streak spans at least this many optimizer steps
+
+    # -- saturation -----------------------------------------------------------------------------------
+    saturation_fraction: float = 0.5  # share of activations in the flat tails (|tanh| > 0.99, sigmoid < 0.01 or > 0.99)
+    saturation_snapshots: int = 2  # on this many log steps in a row, spanning at least min_steps steps
+
+    # -- causes (not findings) ------------------------------------------------------------------------
+    small_init_gain: float = 0.25  # weight RMS * sqrt(fan_in) below this: initialised too small (Glorot/He ~1)
 
     def __post_init__(self):
-        for name in ("vanishing_ratio", "vanishing_critical_ratio"):
+        for name in ("vanishing_ratio", "vanishing_critical_ratio", "vanishing_median_ratio", "dead_chance"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value!r}")
         if not 0.0 < self.dead_fraction <= 1.0:
             raise ValueError(f"dead_fraction must be in (0, 1], got {self.dead_fraction!r}")
-        if self.min_steps < 1 or self.dead_snapshots < 1:
-            raise ValueError("min_steps and dead_snapshots must be >= 1")
+        if not 0.0 < self.saturation_fraction <= 1.0:
+            raise ValueError(f"saturation_fraction must be in (0, 1], got {self.saturation_fraction!r}")
+        for name in ("min_steps", "dead_snapshots", "dead_min_steps", "temporal_min_steps",
+                     "temporal_min_measurements", "explosion_sustain_steps", "divergence_windows",
+                     "divergence_min_steps", "saturation_snapshots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("update_ratio_warning", "update_ratio", "small_init_gain"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        if self.update_ratio < self.update_ratio_warning:
+            raise ValueError(f"update_ratio ({self.update_ratio!r}) must be >= update_ratio_warning "
+                             f"({self.update_ratio_warning!r})")
+        for name in ("explosion_update_growth", "divergence_factor", "weight_growth"):
+            value = getattr(self, name)
+            if not value > 1.0:
+                raise ValueError(f"{name} must be > 1, got {value!r}")
+
+
+DETECTOR_STATES = ("vanishing", "exploding", "nonfinite", "dead", "saturated")  # each keeps a small dict
 
 
 @dataclasses.dataclass
@@ -83,9 +165,14 @@ def _init_gain(layers: Sequence[LayerInfo], snapshot: Snapshot | None) -> float 
 # --------------------------------------------------------------------------------------- vanishing
 
 def vanishing(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | None,
-              facts: ModelFacts, cfg: DetectorConfig, state: dict) -> Candidate | None:
+              facts: ModelFacts, cfg: DetectorConfig, state: dict,
+              dead_layers: Sequence[str] = ()) -> Candidate | None:
     """Early-layer collapse from the depth profile (window-mean RMS per layer, forward order), or,
-    for recurrent modules, through time (``snapshot.temporal``)."""
+    for recurrent modules, through time (``snapshot.temporal``).
+
+    ``dead_layers``: layers the dead detector holds as dead. A collapse and dead units are judged
+    independently; when both hold, both are reported, and a dead layer at or after the start of the
+    collapse is named as its likely cause (nothing flows back through a switched-off ReLU)."""
     numel = np.array([l.numel for l in layers], dtype=np.float64)
     rms = window.layer_norm_mean / np.sqrt(numel)
     # Layers with an exactly zero gradient are the dead detector's; layers without one are ignored.
@@ -98,23 +185,25 @@ def vanishing(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         later = valid[len(valid) // 2:]
         ref = float(np.max(rms[later]))
         ratio = rms[valid] / ref
-        earlier = valid[: max(1, len(valid) // 2)]
-        collapsed = [i for i, r in zip(valid, ratio) if i in set(earlier) and r < cfg.vanishing_ratio]
+        earlier = set(valid[: max(1, len(valid) // 2)].tolist())
+        collapsed = [i for i, r in zip(valid, ratio) if i in earlier and r < cfg.vanishing_ratio]
         # The gradient must shrink going back through the network, not merely sit far below one
         # large head (a converged classifier's last layer can dwarf every other layer).
         below_median = rms[valid[0]] < cfg.vanishing_median_ratio * float(np.median(rms[later]))
         holds = bool(collapsed) and collapsed[0] == valid[0] and below_median
-        if holds and snapshot is not None and snapshot.dead_units is not None:
-            # Starved through dead ReLUs (in the collapse or right after it): the dead detector's finding.
-            after = [i for i in valid if i > collapsed[-1]][:1]
-            holds = not any(snapshot.dead_units[i] is not None and np.mean(snapshot.dead_units[i]) >= cfg.dead_fraction
-                            for i in list(collapsed) + after)
+    through_time = vanishing_through_time(window, snapshot, facts, cfg, state)
     if not holds:
         state["steps"] = 0
-        return vanishing_through_time(window, snapshot, facts, cfg, state)
+        state.pop("since", None)
+        state.pop("established", None)
+        return through_time
+    if not state.get("steps"):
+        state["since"] = window.first_step
     state["steps"] = state.get("steps", 0) + window.steps
     if state["steps"] < cfg.min_steps:
-        return None
+        return through_time
+    # Established at the end of the window in which the collapse had held for min_steps steps.
+    state.setdefault("established", window.last_step)
 
     first_ratio = float(ratio[0])
     orders = -math.log10(first_ratio)
@@ -125,6 +214,12 @@ def vanishing(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
     saturating = sorted(facts.saturating | {l.activation.lower() for l in layers
                                             if l.activation and l.activation.lower() in SATURATING})
     causes, remedies = [], []
+    position = {l.name: i for i, l in enumerate(layers)}
+    blocking = [n for n in dead_layers if position.get(n, -1) >= collapsed[0]]
+    if blocking:
+        causes.append(f"dead units in {_short(blocking)} (no gradient flows back through a switched-off "
+                      "ReLU, so the layers below it starve)")
+        remedies += [REMEDIES["leaky"], REMEDIES["bias_init"]]
     if saturating:
         causes.append(f"saturating {'/'.join(saturating)} activations (their slope is at most "
                       f"{'0.25' if 'sigmoid' in saturating else '1'} and near 0 in the tails)")
@@ -153,34 +248,48 @@ def vanishing(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         "rms_by_layer": {layers[i].name: float(rms[i]) for i in valid},
         "log10_rms_per_layer_slope": slope,
         "steps": state["steps"],
+        "holding_since_step": state["since"],
     }
+    if blocking:
+        evidence["dead_layers_at_or_after_collapse"] = list(blocking)
     if gain is not None:
         evidence["init_gain"] = gain
-    return Candidate("vanishing", window.last_step, names, severity, message, tuple(dict.fromkeys(remedies)), evidence, cause)
+    return Candidate("vanishing", int(state["established"]), names, severity, message,
+                     tuple(dict.fromkeys(remedies)), evidence, cause)
 
 
 def vanishing_through_time(window: WindowStats, snapshot: Snapshot | None, facts: ModelFacts,
                            cfg: DetectorConfig, state: dict) -> Candidate | None:
     """A recurrence is one module, so the depth profile cannot see it; the adapter measures the
-    gradient reaching each time step's input on log steps. The first time step getting
-    ``vanishing_ratio`` of the last one's, on two log steps in a row, is vanishing through time."""
+    gradient reaching each time step's input on log steps. The first time step getting under
+    ``vanishing_ratio`` of the last one's on every measurement for ``temporal_min_steps`` optimizer
+    steps (``temporal_min_measurements`` log steps at least) is vanishing through time. Persistence is
+    counted in optimizer steps, so how often the user logs does not change the verdict, and the early
+    phase of a recurrent net that learns (its gates open within tens of steps) is not a finding."""
     temporal = snapshot.temporal if snapshot is not None and snapshot.temporal else {}
-    streak = state.setdefault("temporal_streak", {})
+    runs = state.setdefault("temporal", {})  # module -> [first step held, measurements, established or -1]
     hot = {}
     for name, per_t in temporal.items():
         per_t = np.asarray(per_t, dtype=np.float64)
         first, last = float(per_t[0]), float(per_t[-1])
         ratio = first / last if last > 0 else math.nan
         holds = len(per_t) >= 2 and last > 0 and ratio < cfg.vanishing_ratio
-        streak[name] = streak.get(name, 0) + 1 if holds else 0
-        if streak[name] >= 2:
+        if not holds:
+            runs.pop(name, None)
+            continue
+        run = runs.setdefault(name, [window.last_step, 0, -1])
+        run[1] += 1
+        held_steps = window.last_step - run[0] + 1
+        if run[2] < 0 and run[1] >= cfg.temporal_min_measurements and held_steps >= cfg.temporal_min_steps:
+            run[2] = window.last_step
+        if run[2] >= 0:
             k = min(20, len(per_t))  # the per-step factor where the profile has not underflowed
             a = float(per_t[-k])
             per_step = (a / last) ** (1.0 / (k - 1)) if a > 0 and k > 1 else 0.0
-            hot[name] = (ratio, len(per_t), per_step)
+            hot[name] = (ratio, len(per_t), per_step, held_steps, run[2])
     if not hot:
         return None
-    name, (ratio, steps, per_step) = min(hot.items(), key=lambda kv: kv[1][0])
+    name, (ratio, steps, per_step, held, established) = min(hot.items(), key=lambda kv: kv[1][0])
     orders = -math.log10(ratio) if ratio > 0 else math.inf
     plain = bool(facts.recurrent & PLAIN_RNN)
     cause = (f"a plain RNN over {steps} time steps" if plain else f"a recurrence over {steps} time steps") + (
@@ -190,54 +299,170 @@ def vanishing_through_time(window: WindowStats, snapshot: Snapshot | None, facts
         "across time.", REMEDIES["init_glorot_he"])
     size = f"{orders:.1f} orders of magnitude smaller than" if math.isfinite(orders) else "exactly 0 (underflow), against"
     message = (f"Vanishing gradients through time: in {name} the gradient reaching the first of {steps} time steps "
-               f"is {size} the last, so early inputs barely influence learning; likely cause: {cause}.")
+               f"is {size} the last, and has been for {held} steps, so early inputs barely influence learning; "
+               f"likely cause: {cause}.")
     severity = "critical" if not ratio >= cfg.vanishing_critical_ratio else "warning"
     evidence = {"first_to_last_time_step_ratio": ratio, "orders_of_magnitude": orders if math.isfinite(orders) else None,
-                "time_steps": steps, "per_step_factor": per_step, "modules": {n: h[0] for n, h in hot.items()}}
-    return Candidate("vanishing", window.last_step, tuple(hot), severity, message, remedies, evidence, cause)
+                "time_steps": steps, "per_step_factor": per_step, "held_for_steps": held,
+                "modules": {n: h[0] for n, h in hot.items()}}
+    return Candidate("vanishing", int(min(h[4] for h in hot.values())), tuple(hot), severity, message, remedies,
+                     evidence, cause)
 
 
 # --------------------------------------------------------------------------------------- exploding
 
+def update_to_weight(snapshot: Snapshot | None) -> float | None:
+    """Norm of what the optimizer applied on the snapshot's step over the weights' norm (all layers)."""
+    if snapshot is None or snapshot.update_norm is None or snapshot.weight_norm is None:
+        return None
+    u, w = np.nan_to_num(np.asarray(snapshot.update_norm, np.float64)), np.nan_to_num(
+        np.asarray(snapshot.weight_norm, np.float64))
+    if not w.sum() > 0:
+        return None
+    return float(math.sqrt((u ** 2).sum()) / math.sqrt((w ** 2).sum()))
+
+
 def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | None,
               facts: ModelFacts, cfg: DetectorConfig, state: dict, policy_name: str,
               clip_enabled_now: bool) -> Candidate | None:
-    """Growth that feeds on itself, judged from the tracker's confirmed explosions (a spike held
-    over consecutive steps, an enormous one, or one that overflowed), or an update that rewrote the
-    weights. A lone spike whose neighbours are back at the level is the heavy tail of per-batch
-    gradients: ``clip='auto'`` clips that step, but it is not a finding."""
-    reasons, evidence, severity, step = [], {}, "warning", None
+    """Growth that feeds on itself and shows in what the optimizer applies. Established by any of:
+
+    * **overflow**: the gradients turned NaN/Inf right after the norm spiked (the tracker's
+      confirmation);
+    * **updates that dwarf the weights**: one measured update larger than the weights
+      (``update_ratio``), or above ``update_ratio_warning`` on two measurements in a row;
+    * **a sustained excursion**: the norm held far above the run's level for
+      ``explosion_sustain_steps`` consecutive steps (counted on the device, so every step counts),
+      unless an update measured while it was still elevated shows the optimizer did not apply it
+      (no growth over the run's own typical update: Adam normalised it away);
+    * **slow divergence**: the norm rising window after window to ``divergence_factor`` over its
+      lowest level, with the applied update growing along.
+
+    A burst of a few steps that returns by itself (a hard batch, a recurrent net's burst, a
+    large-batch net late in training) is none of these: ``clip='auto'`` may clip it (the device-side
+    latch protects at once), it is counted in ``gradguard/spikes``, and it is not a finding.
+    Loss is not seen by the core; a rising loss would be the third witness (see README)."""
+    ratio = update_to_weight(snapshot)
+    level = window.tracker_level
+    elevated_factor = math.sqrt(10.0)  # the tracker's "elevated": sqrt(spike_factor) over its level
+    quiet = window.spikes == 0 and window.explosions == 0 and window.nonfinite_steps == 0
+    evidence: dict[str, Any] = {}
     if window.spikes > 0:
         evidence.update(spikes=window.spikes, max_jump_factor=math.exp(window.max_jump),
-                        running_level=window.tracker_level, global_norm_max=window.global_norm_max,
+                        running_level=level, global_norm_max=window.global_norm_max,
                         longest_elevated_run=window.max_spike_run)
-    if window.explosions > 0:
-        factor = math.exp(window.max_jump)
-        how = (f"stayed far above it for {window.max_spike_run} consecutive steps" if window.max_spike_run >= 2
-               else "then overflowed to NaN/Inf" if window.nonfinite_steps > 0 else "in a single step")
-        reasons.append(f"the global gradient norm jumped {factor:.3g}x above its running level and {how}")
-        step = window.first_explosion_step
-        if factor >= 1e3 or window.nonfinite_steps > 0:
+        if window.first_spike_step is not None:
+            state["last_spike_step"] = int(window.first_spike_step)
+    if ratio is not None:
+        evidence["update_to_weight_ratio"] = ratio
+        evidence["update_measured_at_step"] = window.last_step
+
+    # The run's own typical update (geometric mean over quiet log steps) and level, for comparison.
+    base_update = state.get("base_update")
+    base_level = state.get("base_level")
+    reasons: list[str] = []
+    severity, step = "warning", None
+
+    # 1. overflow right after growth
+    spike_at = state.get("last_spike_step")
+    if (window.nonfinite_steps > 0 and window.explosions > 0 and spike_at is not None
+            and window.first_nonfinite_step is not None and window.first_nonfinite_step >= spike_at):
+        reasons.append(f"the global gradient norm jumped {math.exp(window.max_jump):.3g}x above its running "
+                       "level and then overflowed to NaN/Inf")
+        severity, step = "critical", window.first_nonfinite_step
+        evidence["growth_started_at_step"] = spike_at
+
+    # 2. updates that dwarf the weights: larger than the weights at once, or a large one that fed on
+    # itself (another large one at the next measurement, or the weights' norm running away after it)
+    weight_norm = None
+    if snapshot is not None and snapshot.weight_norm is not None:
+        w = np.nan_to_num(np.asarray(snapshot.weight_norm, np.float64))
+        weight_norm = float(math.sqrt((w ** 2).sum())) if np.isfinite(snapshot.weight_norm).all() else math.inf
+    previous = state.get("large_update")  # [step, ratio, weight norm] of the last measurement above warning
+    grew = (previous is not None and weight_norm is not None and previous[2] > 0
+            and weight_norm >= cfg.weight_growth * previous[2])
+    if ratio is not None:
+        if ratio > cfg.update_ratio:
+            reasons.append(f"one optimizer step changed the weights by {ratio:.3g}x their norm")
             severity = "critical"
-    update_ratio = None
-    if snapshot is not None and snapshot.update_norm is not None and snapshot.weight_norm is not None:
-        u, w = np.nan_to_num(snapshot.update_norm), np.nan_to_num(snapshot.weight_norm)
-        if w.sum() > 0:
-            update_ratio = float(math.sqrt((u ** 2).sum()) / math.sqrt((w ** 2).sum()))
-            evidence["update_to_weight_ratio"] = update_ratio
-            evidence["update_measured_at_step"] = window.last_step
-            if update_ratio > cfg.update_ratio_warning:
-                reasons.append(f"one optimizer step changed the weights by {update_ratio:.3g}x their norm")
-                if update_ratio > cfg.update_ratio:
-                    severity = "critical"
-                step = window.last_step if step is None else step
+            step = window.last_step if step is None else min(step, window.last_step)
+        elif previous is not None and (ratio > cfg.update_ratio_warning or grew):
+            reasons.append(f"an optimizer step at step {previous[0]} changed the weights by {previous[1]:.3g}x their "
+                           "norm and " + (f"the next measured one by {ratio:.3g}x" if ratio > cfg.update_ratio_warning
+                                          else f"the weights' norm has grown {weight_norm / previous[2]:.3g}x since"))
+            step = window.last_step if step is None else min(step, window.last_step)
+        state["large_update"] = [window.last_step, ratio, weight_norm or 0.0] if ratio > cfg.update_ratio_warning \
+            else None
+
+    # 3. a sustained excursion that the optimizer applied
+    if window.max_spike_run >= cfg.explosion_sustain_steps:
+        still_up = (base_level is not None and math.isfinite(window.global_norm_last)
+                    and window.global_norm_last >= elevated_factor * base_level)
+        absorbed = (still_up and ratio is not None and base_update is not None and window.clipped_steps == 0
+                    and ratio < cfg.explosion_update_growth * base_update)
+        evidence["longest_elevated_run"] = window.max_spike_run
+        if absorbed:
+            evidence["update_growth_during_excursion"] = ratio / base_update
+        else:
+            reasons.append(f"the global gradient norm rose {math.exp(window.max_jump):.3g}x above its running "
+                           f"level and stayed far above it for {window.max_spike_run} consecutive steps")
+            start = window.first_explosion_step if window.first_explosion_step is not None else window.first_step
+            at = min(window.last_step, start + cfg.explosion_sustain_steps - 1)
+            step = at if step is None else min(step, at)
+            if window.max_jump >= math.log(1e3):
+                severity = "critical"
+
+    # 4. slow divergence: the level climbs segment after segment (segments of a fixed number of
+    # optimizer steps, so the verdict does not depend on how often the user logs), the update with it
+    seg_len = max(1, -(-cfg.divergence_min_steps // cfg.divergence_windows))
+    finite_steps = window.steps - window.nonfinite_steps
+    if finite_steps > 0 and math.isfinite(window.global_norm_mean):
+        seg = state.setdefault("segment", [window.first_step, 0, 0.0])
+        seg[1] += finite_steps
+        seg[2] += window.global_norm_mean * finite_steps
+        if seg[1] >= seg_len:
+            mean = seg[2] / seg[1]
+            rising = state.setdefault("rising", [])  # [first step, mean] of consecutive rising segments
+            if rising and mean <= rising[-1][1]:
+                rising.clear()
+            rising.append([seg[0], mean])
+            del rising[:-cfg.divergence_windows]
+            state["segment"] = [window.last_step + 1, 0, 0.0]
+            floor = state.get("floor")
+            # the update compared with the run's typical update when its norm was at its lowest (a running
+            # baseline would follow a slow rise)
+            before = state.get("floor_update")
+            update_grew = ratio is None or (before is not None and ratio >= cfg.explosion_update_growth * before)
+            # ...and well above where the run started too: a healthy run whose gradient fell 100x as its
+            # loss went to zero and then rose back towards its early level is not diverging.
+            early = state.get("early")
+            above_start = early is None or mean >= math.sqrt(cfg.divergence_factor) * early
+            if (floor is not None and floor > 0 and mean >= cfg.divergence_factor * floor and above_start
+                    and len(rising) >= cfg.divergence_windows and update_grew):
+                span = window.last_step - rising[0][0] + 1
+                reasons.append(f"the global gradient norm has grown {mean / floor:.3g}x over its lowest level "
+                               f"and kept rising for {span} steps")
+                step = window.last_step if step is None else min(step, window.last_step)
+                evidence.update(growth_over_floor=mean / floor, rising_for_steps=span)
+            if seg[0] >= cfg.min_steps and mean > 0:  # the first steps' norm is the init's, not the run's level
+                if floor is None or mean < floor:
+                    state["floor"], state["floor_update"] = mean, base_update if base_update is not None else ratio
+                state.setdefault("early", mean)
+
+    # The run's own baselines, from log steps with nothing unusual in their window.
+    if quiet and math.isfinite(level) and level > 0:
+        state["base_level"] = level
+        if ratio is not None and ratio > 0 and window.last_step > 0:  # step 0's Adam update is sign(g)*lr
+            prev = state.get("base_update")
+            state["base_update"] = ratio if prev is None else math.exp(0.7 * math.log(prev) + 0.3 * math.log(ratio))
+
     if not reasons:
         return None
     with np.errstate(divide="ignore", invalid="ignore"):
         swing = window.layer_norm_max / window.layer_norm_min  # how far each layer's norm moved
     grew = np.flatnonzero(np.nan_to_num(swing, nan=0.0, posinf=np.inf) >= 10.0)
     names = _names(layers, grew) if len(grew) else tuple(l.name for l in layers)
-    lr_hint = update_ratio is not None and update_ratio > cfg.update_ratio_warning
+    lr_hint = any("changed the weights" in r for r in reasons)
     remedies = [REMEDIES["clipping"], REMEDIES["lower_lr"], REMEDIES["init_smaller"], REMEDIES["normalization"]]
     if lr_hint:
         remedies.insert(0, remedies.pop(1))
@@ -279,41 +504,88 @@ def nonfinite(layers: Sequence[LayerInfo], window: WindowStats, facts: ModelFact
     evidence = {"nonfinite_steps": state["total"], "first_nonfinite_step": state["first"],
                 "window_nonfinite_steps": window.nonfinite_steps, "window_steps": window.steps,
                 "layers_nonfinite_steps": {layers[i].name: int(window.layer_nonfinite[i]) for i in idx}}
-    return Candidate("nonfinite", int(window.first_nonfinite_step), names, severity, message, remedies,
+    return Candidate("nonfinite", int(state["first"]), names, severity, message, remedies,
                      evidence, cause)
 
 
 # --------------------------------------------------------------------------------------- dead
 
+def _required_streak(silence: float | None, cfg: DetectorConfig) -> int:
+    """Zero-gradient snapshots in a row that a live unit, silent on a share ``silence`` of snapshots,
+    would reach by chance with probability ``cfg.dead_chance`` at most."""
+    if silence is None or silence <= 0.0:
+        return cfg.dead_snapshots
+    q = min(float(silence), 0.99)
+    return max(cfg.dead_snapshots, int(math.ceil(math.log(cfg.dead_chance) / math.log(q))))
+
+
 def dead(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | None, facts: ModelFacts,
          cfg: DetectorConfig, state: dict) -> Candidate | None:
-    """Units (or whole layers) whose gradient stays exactly zero.
+    """Units switched off for every input: their gradient stays exactly zero while gradient still
+    reaches the layer.
 
-    Whole layers: from every step of the window. Units: from the per-unit zero masks of the
-    log-step snapshots, a unit counting as dead after ``dead_snapshots`` zero snapshots in a row."""
-    streaks: dict[str, np.ndarray] = state.setdefault("streaks", {})
+    * Units (rows of a Linear/Conv weight) from the per-unit zero masks of log-step snapshots. A unit
+      is dead after a streak of zero snapshots long enough that a live unit of this layer would not
+      sit it out by chance (``_required_streak``: the layer's silence rate is measured on the run
+      itself, so a batch of one, where half the ReLUs are silent on any sample, needs a much longer
+      streak than a batch of 256), spanning at least ``dead_min_steps`` optimizer steps.
+      A snapshot in which the whole layer got no gradient at all says nothing about its units (an
+      unrouted expert, a branch not taken) and is skipped.
+    * Whole layers, from every step of the window: a unit layer whose gradient is exactly zero on
+      every step for ``min_steps`` steps *and* cuts the flow: every layer before it gets zero too,
+      while a later layer still learns. Zero gradients by design (unrouted mixture-of-experts
+      experts, unused embedding rows, frozen or detached parts) leave the layers below them learning,
+      and are not death.
+    """
+    units_state: dict[str, dict] = state.setdefault("units", {})
     whole = state.setdefault("whole", {})
+    established = state.setdefault("established", {})
     fractions: dict[str, float] = {}
+    how: dict[str, str] = {}
+    has = window.layer_steps > 0
+    zero = has & (window.layer_zero == window.layer_steps)
     for i, layer in enumerate(layers):
-        if window.layer_steps[i] == 0 and window.layer_nonfinite[i] == 0:
+        if not has[i] and window.layer_nonfinite[i] == 0:
             continue  # no gradient at all (frozen or unused): neither dead nor alive
-        all_zero = window.layer_steps[i] > 0 and window.layer_zero[i] == window.layer_steps[i]
-        whole[layer.name] = whole.get(layer.name, 0) + window.steps if all_zero else 0
+        if not layer.units:
+            continue  # embeddings, normalization, biases only: no units whose death would mean anything
+        # whole layer: zero on every step, the flow cut below it, something above it still learning
+        cut = bool(zero[i]) and not np.any(has[:i] & ~zero[:i]) and bool(np.any(has[i + 1:] & ~zero[i + 1:]))
+        whole[layer.name] = whole.get(layer.name, 0) + window.steps if cut else 0
         if whole[layer.name] >= cfg.min_steps:
-            fractions[layer.name] = 1.0
+            fractions[layer.name], how[layer.name] = 1.0, "whole layer"
             continue
-        if layer.units and snapshot is not None and snapshot.dead_units is not None:
-            mask = snapshot.dead_units[i]
-            if mask is None:
-                continue
-            prev = streaks.get(layer.name)
-            cur = np.asarray(mask, dtype=np.int64)
-            streaks[layer.name] = cur if prev is None or prev.shape != cur.shape else (prev + 1) * cur
-            dead_share = float(np.mean(streaks[layer.name] >= cfg.dead_snapshots))
-            if dead_share >= cfg.dead_fraction:
-                fractions[layer.name] = dead_share
+        if snapshot is None or snapshot.dead_units is None or snapshot.dead_units[i] is None:
+            continue
+        silent = np.asarray(snapshot.dead_units[i], dtype=bool)
+        if silent.all():
+            continue  # nothing reached the layer on this step: no information about its units
+        us = units_state.get(layer.name)
+        if us is None or len(us["streak"]) != len(silent):
+            us = units_state[layer.name] = {"streak": np.zeros(len(silent), np.int64),
+                                            "since": np.zeros(len(silent), np.int64), "silence": None, "n": 0}
+        streak, since = np.asarray(us["streak"], np.int64), np.asarray(us["since"], np.int64)
+        # the layer's silence rate: the share of units active on the previous snapshot silent now
+        was_active = streak == 0
+        if us["n"] > 0 and was_active.any():
+            rate = float(np.mean(silent[was_active]))
+            n = min(us["n"], 20)  # ~20-snapshot memory
+            us["silence"] = rate if us["silence"] is None else (us["silence"] * n + rate) / (n + 1)
+        elif us["silence"] is None:
+            us["silence"] = float(np.mean(silent))  # first look: an upper bound for live units
+        us["n"] += 1
+        since = np.where(silent & (streak == 0), window.last_step, since)
+        streak = np.where(silent, streak + 1, 0)
+        us["streak"], us["since"] = streak, since
+        need = _required_streak(us["silence"], cfg)
+        is_dead = (streak >= need) & (window.last_step - since + 1 >= cfg.dead_min_steps)
+        share = float(np.mean(is_dead))
+        if share >= cfg.dead_fraction:
+            fractions[layer.name], how[layer.name] = share, f"{need} zero snapshots in a row"
     if not fractions:
         return None
+    for name in fractions:
+        established.setdefault(name, window.last_step)
     names = tuple(l.name for l in layers if l.name in fractions)
     severity = "critical" if any(f >= 0.999 for f in fractions.values()) else "warning"
     relu = not facts.saturating
@@ -322,22 +594,31 @@ def dead(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | 
     remedies = (REMEDIES["leaky"], REMEDIES["lower_lr"], REMEDIES["bias_init"], REMEDIES["init_glorot_he"])
     cause = "ReLU units switched off for every input (a large update or negative bias)" if relu else \
         "units stuck in a flat region of their activation"
-    return Candidate("dead", window.last_step, names, severity, message, remedies,
-                     {"dead_fraction": fractions}, cause)
+    evidence = {"dead_fraction": fractions, "judged_by": how,
+                "silence_rate": {n: units_state[n]["silence"] for n in names if n in units_state}}
+    return Candidate("dead", int(min(established[n] for n in names)), names, severity, message, remedies,
+                     evidence, cause)
 
 
 # --------------------------------------------------------------------------------------- saturated
 
 def saturated(window: WindowStats, snapshot: Snapshot | None, cfg: DetectorConfig,
               state: dict) -> Candidate | None:
-    """Sigmoid/tanh outputs stuck in their flat tails on consecutive log steps."""
+    """Sigmoid/tanh outputs stuck in their flat tails on ``saturation_snapshots`` log steps in a row
+    spanning at least ``min_steps`` optimizer steps."""
     if snapshot is None or not snapshot.saturation:
         return None
-    streak: dict[str, int] = state.setdefault("streak", {})
+    runs: dict[str, list] = state.setdefault("runs", {})  # module -> [first step, snapshots, established or -1]
     hot = {}
     for name, frac in snapshot.saturation.items():
-        streak[name] = streak.get(name, 0) + 1 if frac >= cfg.saturation_fraction else 0
-        if streak[name] >= 2:
+        if not frac >= cfg.saturation_fraction:
+            runs.pop(name, None)
+            continue
+        run = runs.setdefault(name, [window.last_step, 0, -1])
+        run[1] += 1
+        if run[2] < 0 and run[1] >= cfg.saturation_snapshots and window.last_step - run[0] + 1 >= cfg.min_steps:
+            run[2] = window.last_step
+        if run[2] >= 0:
             hot[name] = float(frac)
     if not hot:
         return None
@@ -345,5 +626,5 @@ def saturated(window: WindowStats, snapshot: Snapshot | None, cfg: DetectorConfi
     message = (f"Saturated activations: {_short([f'{n} ({hot[n]:.0%})' for n in names])} of outputs sit in the "
                "flat tails of sigmoid/tanh, where the gradient is nearly zero.")
     remedies = (REMEDIES["relu"], REMEDIES["init_glorot_he"], REMEDIES["normalization"], REMEDIES["lower_lr"])
-    return Candidate("saturated", window.last_step, names, "warning", message, remedies,
+    return Candidate("saturated", int(min(runs[n][2] for n in names)), names, "warning", message, remedies,
                      {"saturated_fraction": hot}, "pre-activations too large for sigmoid/tanh")

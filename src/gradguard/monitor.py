@@ -107,7 +107,7 @@ class Monitor:
         self.logged = select_layers(len(self.layers), max_logged_layers)
         self.logging_rank = logging_rank
         self._findings: dict[str, Finding] = {}
-        self._det_state: dict[str, dict] = {k: {} for k in ("vanishing", "nonfinite", "dead", "saturated")}
+        self._det_state: dict[str, dict] = {k: {} for k in det.DETECTOR_STATES}
         self.totals = {"steps": 0, "skipped": 0, "nonfinite": 0, "clipped": 0, "spikes": 0, "explosions": 0}
         self.clip_enabled_step: int | None = None
         self.history: collections.deque = collections.deque(maxlen=history_size)
@@ -155,20 +155,26 @@ class Monitor:
                                       else window.last_step)
 
         cfg, L = self.config, self.layers
+        st = self._det_state
+        dead = det.dead(L, window, snapshot, self.facts, cfg, st["dead"])
+        explosion = det.exploding(L, window, snapshot, self.facts, cfg, st["exploding"], self.policy_name, enabled)
         candidates = [
-            det.vanishing(L, window, snapshot, self.facts, cfg, self._det_state["vanishing"]),
-            det.exploding(L, window, snapshot, self.facts, cfg, {}, self.policy_name, enabled),
+            # judged independently of dead units; a dead layer in the collapse is named as its cause
+            det.vanishing(L, window, snapshot, self.facts, cfg, st["vanishing"],
+                          dead_layers=tuple(dict.fromkeys((dead.layers if dead else ()) + (
+                              self._findings["dead"].layers if "dead" in self._findings else ())))),
+            explosion,
             det.nonfinite(L, window, self.facts, self.skip_nonfinite,
-                          window.explosions > 0 or "exploding" in self._findings, self._det_state["nonfinite"]),
-            det.dead(L, window, snapshot, self.facts, cfg, self._det_state["dead"]),
-            det.saturated(window, snapshot, cfg, self._det_state["saturated"]),
+                          explosion is not None or "exploding" in self._findings, st["nonfinite"]),
+            dead,
+            det.saturated(window, snapshot, cfg, st["saturated"]),
         ]
         decision = Decision()
         new = []
         for c in candidates:
             if c is None:
                 continue
-            finding, is_new = self._merge(c)
+            finding, is_new = self._merge(c, window.last_step)
             if is_new:
                 new.append(finding)
             if self.logging_rank:
@@ -192,7 +198,7 @@ class Monitor:
                 self.sinks.log(record)
         return decision
 
-    def _merge(self, c: det.Candidate) -> tuple[Finding, bool]:
+    def _merge(self, c: det.Candidate, now: int) -> tuple[Finding, bool]:
         old = self._findings.get(c.kind)
         if old is None:
             f = Finding(c.kind, int(c.step), c.layers, c.severity, c.message, c.remedies, c.evidence, c.cause)
@@ -200,8 +206,10 @@ class Monitor:
             return f, True
         layers = tuple(dict.fromkeys(old.layers + c.layers)) if c.kind in ("dead", "nonfinite", "saturated") else c.layers
         severity = max(old.severity, c.severity, key=_SEVERITY_RANK.__getitem__)
+        # ``step`` stays the step at which the condition was first established; the latest evidence
+        # says when it was last confirmed (the window's end), never a step of its own.
         f = dataclasses.replace(old, layers=layers, severity=severity, message=c.message, remedies=c.remedies,
-                                evidence={**c.evidence, "updated_at_step": int(c.step)}, cause=c.cause or old.cause)
+                                evidence={**c.evidence, "updated_at_step": int(now)}, cause=c.cause or old.cause)
         self._findings[c.kind] = f
         return f, False
 
@@ -271,11 +279,8 @@ class Monitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._findings = {f["kind"]: Finding.from_dict(f) for f in state["findings"]}
         det_state = state["detectors"]
-        dead = det_state.get("dead", {})
-        dead["streaks"] = {k: np.asarray(v, dtype=np.int64) for k, v in dead.get("streaks", {}).items()}
-        self._det_state = {"vanishing": dict(det_state.get("vanishing", {})), "dead": dead,
-                           "nonfinite": dict(det_state.get("nonfinite", {})),
-                           "saturated": dict(det_state.get("saturated", {}))}
+        # detectors read their state back with np.asarray, so plain lists from a checkpoint are fine
+        self._det_state = {k: dict(det_state.get(k, {})) for k in det.DETECTOR_STATES}
         self.totals = dict(state["totals"])
         self.clip_enabled_step = state["clip_enabled_step"]
         self.history.clear()

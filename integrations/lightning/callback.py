@@ -28,7 +28,7 @@ import torch
 from gradguard import clipping
 from gradguard.findings import Finding
 from gradguard.monitor import warn_user
-from gradguard.options import Options
+from gradguard.options import Options, pop_wandb
 from gradguard.sinks import LogRecord, Sink, make_sinks
 from gradguard.torch import TorchEngine
 
@@ -140,9 +140,7 @@ class GradGuardCallback(*_callback_bases()):
     """
 
     def __init__(self, **options: Any):
-        wandb = options.pop("wandb", None)
-        if wandb not in (None, True, False):
-            raise TypeError(f"wandb must be None, True or False, got {wandb!r}")
+        wandb = pop_wandb(options)
         self.options = Options.of("GradGuardCallback", options)
         self.clip = self.options.clip
         self.log_every_n_steps = self.options.log_every_n_steps

@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState
 
 from gradguard import clipping
-from gradguard.options import Options
+from gradguard.options import Options, pop_wandb
 from gradguard.findings import Finding
 from gradguard.sinks import LogRecord, Sink, make_sinks
 from gradguard.torch import TorchEngine
@@ -104,9 +104,7 @@ class GradGuardCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, **options: Any):
-        wandb = options.pop("wandb", None)
-        if wandb not in (None, True, False):
-            raise TypeError(f"wandb must be None, True or False, got {wandb!r}")
+        wandb = pop_wandb(options)
         options.setdefault("max_logged_layers", 16)
         self.options = Options.of("GradGuardCallback", options)  # one surface: names, defaults, checks
         self.clip = self.options.clip

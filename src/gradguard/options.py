@@ -136,3 +136,12 @@ class Options:
             raise TypeError(f"{owner} got unexpected keyword argument(s) {', '.join(hints)}; "
                             f"options are {', '.join(sorted(known | extra))}")
         return cls(**{k: v for k, v in kwargs.items() if k in known})
+
+
+def pop_wandb(kwargs: dict[str, Any]) -> bool | None:
+    """The callbacks' host option ``wandb=`` (W&B extras: ``None`` = when a run is active), taken out
+    of ``kwargs`` and checked, so the rest can go to ``Options.of``."""
+    wandb = kwargs.pop("wandb", None)
+    if wandb not in (None, True, False):
+        raise TypeError(f"wandb must be None, True or False, got {wandb!r}")
+    return wandb

@@ -183,6 +183,9 @@ def test_wandb_report_to_gets_scalars_from_the_trainer_and_extras_from_gradguard
            "WANDB_DATA_DIR": tmp_path / "data", "WANDB_ARTIFACT_DIR": tmp_path / "artifacts"}
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))
+    # The Trainer's WandbCallback configures W&B through these variables only; wandb reads them once per
+    # process (its setup singleton), so a run made earlier in this process would send this one elsewhere.
+    wandb.teardown()
     model = tiny_llama()
     model.model.layers[0].mlp.register_forward_hook(_PoisonOnce(at_call=3))
     cb = GradGuardCallback(clip="auto")

@@ -715,6 +715,44 @@ def case_policies():
     return out
 
 
+def case_device_step_ops():
+    """The core's per-step math under this backend's array namespace against numpy's reference, on
+    norms with a spike, an overflow and a layer without gradient (one rule, written once)."""
+    from gradguard import clipping, stats
+    from gradguard.keras import keras_ops as xp  # (Keras' torch backend runs the step on torch_ops, tested in torch)
+    from gradguard.ops import numpy_ops
+
+    rng = np.random.default_rng(0)
+    n_layers = 4
+    norms = np.exp(rng.normal(0, 0.2, size=(30, n_layers))).astype(np.float32)
+    norms[12] *= 300  # a spike
+    norms[13, 1] = np.nan  # an overflow right after it
+    norms[20:23] *= 50
+    has = np.ones(n_layers, np.float32)
+    has[2] = 0.0
+    worst = {}
+    for policy in (clipping.auto(), clipping.zscore(warmup_steps=3), clipping.percentile(history=8),
+                   clipping.fixed(2.0)):
+        s_np = stats.init_state(n_layers, policy)
+        s_k = {k: keras.ops.convert_to_tensor(v) for k, v in s_np.items()}
+        scale_diff = 0.0
+        for row in norms:
+            sq = (row ** 2).astype(np.float32)
+            scale_n, fin_n, s_np = stats.device_step(s_np, sq, has, policy, numpy_ops)
+            scale_k, fin_k, s_k = stats.device_step(s_k, keras.ops.convert_to_tensor(sq),
+                                                    keras.ops.convert_to_tensor(has), policy, xp)
+            scale_diff = max(scale_diff, abs(float(keras.ops.convert_to_numpy(scale_k)) - float(scale_n)) / float(scale_n))
+            assert float(keras.ops.convert_to_numpy(fin_k)) == float(fin_n)
+        state_diff = 0.0
+        for k, v in s_np.items():
+            a, b = np.asarray(keras.ops.convert_to_numpy(s_k[k]), np.float64), np.asarray(v, np.float64)
+            both = np.isfinite(a) & np.isfinite(b)
+            assert (np.isfinite(a) == np.isfinite(b)).all(), k
+            state_diff = max(state_diff, float(np.max(np.abs(a[both] - b[both]) / (np.abs(b[both]) + 1e-6), initial=0.0)))
+        worst[policy.name] = {"scale": scale_diff, "state": state_diff}
+    return worst
+
+
 def case_bn_skip():
     """A NaN batch through BatchNormalization: the skipped step leaves the moving statistics as
     they were, so inference stays finite; healthy steps still update them."""

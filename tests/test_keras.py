@@ -15,7 +15,7 @@ from gradguard.findings import REMEDIES
 from keras_runner import BACKENDS, CaseRunner
 
 COMMON = ["vanishing", "exploding", "inf_batch", "healthy", "switch_on", "clip_rules", "save_load",
-          "state_roundtrip", "bad_args", "loss_scale", "subclassed"]
+          "state_roundtrip", "bad_args", "loss_scale", "subclassed", "device_step_ops"]
 EXTRA = {"tensorflow": ["jit_compile", "steps_per_execution", "distributed", "wandb"],
          "jax": ["steps_per_execution", "distributed"],
          "torch": []}
@@ -274,3 +274,11 @@ def test_wandb_gets_scalars_histograms_and_alerts(backend):
     assert r["histograms"] >= 2, r["hist_sample"]
     assert any("anishing" in a for a in r["alerts"]), r["alerts"]
     assert "gradguard/finding/vanishing" in r["summary_keys"]
+
+
+@backends
+def test_device_step_is_the_same_under_keras_ops_and_numpy(backend):
+    worst = case(backend, "device_step_ops")
+    assert set(worst) == {"auto", "zscore", "percentile", "fixed"}
+    for name, diff in worst.items():
+        assert diff["scale"] < 1e-5 and diff["state"] < 1e-4, (name, diff)

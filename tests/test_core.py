@@ -85,6 +85,24 @@ def test_auto_policy_is_off_while_healthy_and_latches_on_a_spike():
     assert clipped_norms[101:107].max() < 10.0
 
 
+def test_auto_threshold_does_not_follow_an_explosion_from_the_first_steps():
+    # A run explosive from its start: step 1 is 1e4x step 0 (an explosion: the latch closes), and
+    # the norm keeps growing 3x a step. The tracker's level climbs after it; the latched threshold
+    # must not: it stays at the level held from before the excursion.
+    norms = [100.0, 1e6] + [1e6 * 3.0 ** k for k in range(1, 15)]
+    scales, state = run_steps(norms, clipping.auto())
+    assert float(state["clip_enabled"]) == 1.0
+    let_through = np.array(norms) * scales
+    assert let_through[1:].max() < 110.0, let_through  # (following the level: 128 rising to 266)
+    # Then the run calms to ~1 (its quiet level); a later burst of 50x is cut near that level,
+    # not near the explosive one, and steps under the threshold are left alone.
+    calm = list(np.exp(np.random.default_rng(3).normal(0.0, 0.2, 40)))
+    scales, _ = run_steps(norms + calm + [50.0] + calm[:5], clipping.auto())
+    tail = (np.array(norms + calm + [50.0] + calm[:5]) * scales)[len(norms):]
+    assert tail[len(calm)] < 2.0, tail[len(calm)]  # (following the level: 5.4)
+    assert (scales[len(norms):len(norms) + len(calm)] == 1.0).all()
+
+
 def test_healthy_growth_is_not_a_spike():
     # The norm rising 20x over 80 steps (a net leaving its loss plateau) is learning, not explosion.
     norms = list(0.2 * np.exp(np.linspace(0, np.log(20), 80)) * np.exp(np.random.default_rng(2).normal(0, 0.3, 80)))

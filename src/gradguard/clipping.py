@@ -70,6 +70,7 @@ class ZScoreState(NamedTuple):
 
 class AutoState(NamedTuple):
     enabled: Any  # 1.0 once clipping is switched on (the latch)
+    log_anchor: Any  # while latched: the policy's own level of log(norm), moved by unclipped steps (inf before)
 
 
 class PercentileState(NamedTuple):
@@ -143,28 +144,52 @@ def zscore(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, e
     return ClipPolicy("zscore", init, update, f"ZClip z-score (alpha={alpha:g}, z={z_thresh:g}, warm-up {warmup_steps})")
 
 
-def auto(clip_z: float = 2.5) -> ClipPolicy:
+def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigma: float = 0.6) -> ClipPolicy:
     """Off while gradients are healthy. A lone spike (a norm an order of magnitude above the running
     level, and unusual for this run's noise) is clipped on its own step; an explosion (the tracker's
     confirmation: a sustained or enormous spike, or an overflow right after one) switches clipping
-    on, on the device, for that very step and every step after. The threshold is the tracker's level
-    plus ``clip_z`` spreads, so it follows the run's own scale. The host may also switch it on (the
+    on, on the device, for that very step and every step after. The host may also switch it on (the
     latch field ``enabled``) when it diagnoses an explosion the tracker did not see (updates that
     dwarf weights).
+
+    The threshold is ``level + band`` in log space, ``band = clip_z`` spreads of the run's own noise,
+    and an outlier beyond the band is cut to ``level + band**2 / jump`` (ZClip's reciprocal scaling,
+    in log space: the larger the outlier, the closer to the level it is cut). Before the latch the
+    level is the tracker's. Once latched, the policy keeps its own level (the anchor), started at the
+    tracker's level before the excursion and moved only by the steps it does not clip: it falls to a calmer
+    step almost at once (``fall``) and rises at the tracker's ~10-step memory (``rise``), so the
+    threshold does not follow an explosion upward. While latched the spread is read as at most ``latched_sigma``: in a run
+    explosive from its first steps the tracker's spread measures the explosion, not the noise.
     """
     clip_z = _positive("clip_z", clip_z)
+    latched_sigma = _positive("latched_sigma", latched_sigma)
+    for name, value in (("fall", fall), ("rise", rise)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
     def init():
-        return AutoState(0.0)
+        return AutoState(0.0, INF)
 
     def update(state, norm, signals, xp):
         enabled = xp.maximum(state.enabled, signals.explosion)
         active = xp.maximum(enabled, signals.spike)
-        threshold = xp.where(active > 0, xp.exp(signals.log_level + clip_z * signals.log_sigma), INF)
-        return threshold, AutoState(enabled)
+        latched = enabled > 0
+        # The anchor starts at the tracker's level on the latch step (or when the host closed the latch).
+        anchor = xp.where(xp.isfinite(state.log_anchor), state.log_anchor, signals.log_level)
+        level = xp.where(latched, anchor, signals.log_level)
+        band = clip_z * xp.where(latched, xp.minimum(signals.log_sigma, latched_sigma), signals.log_sigma)
+        jump = xp.log(xp.maximum(norm, 1e-30)) - level
+        log_threshold = level + band * band / xp.maximum(jump, band)
+        # A clipped step leaves the anchor where it is (an excursion must not lift the level it is
+        # judged against); a step under the threshold pulls it, down almost at once, up slowly.
+        x = level + jump
+        weight = xp.where(jump > log_threshold - level, 0.0, xp.where(x < anchor, fall, rise))
+        new_anchor = xp.where(latched, anchor + weight * (x - anchor), INF)
+        threshold = xp.where(active > 0, xp.exp(log_threshold), INF)
+        return threshold, AutoState(enabled, new_anchor)
 
-    return ClipPolicy("auto", init, update, "auto: off until a spike or an explosion, then adaptive",
-                      latch="enabled")
+    return ClipPolicy("auto", init, update, "auto: off until a spike or an explosion, then adaptive "
+                      "(held below an explosion)", latch="enabled")
 
 
 def percentile(p: float = 10.0, history: int = 1000) -> ClipPolicy:

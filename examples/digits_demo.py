@@ -7,7 +7,9 @@
 
     python examples/digits_demo.py [--out DIR]
 
-Writes a JSON-lines log and an HTML report per run into DIR (default: ./gradguard_runs).
+Writes a JSON-lines log per run into DIR (default: ./gradguard_runs) and one HTML report,
+DIR/report.html, with each broken run beside its fix (``gradguard report`` draws the same from the logs;
+``gradguard summary DIR/*.jsonl`` prints it in the terminal).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def run(title, model, optimizer, out_dir, steps=300, **guard_args):
     path = os.path.join(out_dir, title.replace(" ", "_").replace(",", "").replace("=", "-") + ".jsonl")
     if os.path.exists(path):
         os.remove(path)
-    guard = GradGuard(model, sinks=path, **guard_args)
+    # A log step every 10 steps gives the report's heatmap 30 columns; the timeline has every step anyway.
+    guard = GradGuard(model, sinks=path, log_every_n_steps=10, **guard_args)
     for step in range(steps):
         idx = torch.randint(0, len(x), (64,))
         optimizer.zero_grad()
@@ -62,7 +65,6 @@ def run(title, model, optimizer, out_dir, steps=300, **guard_args):
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     findings = guard.findings
     guard.close()
-    report = write_report(path)
     finite = all(torch.isfinite(p).all() for p in model.parameters())
     print(f"\n=== {title}")
     print(f"    final loss {loss.item():.4g}, accuracy {accuracy:.1%}, weights finite: {finite}, "
@@ -76,8 +78,7 @@ def run(title, model, optimizer, out_dir, steps=300, **guard_args):
             print(f"      likely cause: {f.cause}")
         for r in f.remedies[:3]:
             print(f"      - {r}")
-    print(f"    report: {report}")
-    return findings, loss.item()
+    return findings, loss.item(), path
 
 
 def he(layer):
@@ -101,21 +102,25 @@ def main():
 
     torch.manual_seed(0)
     model = mlp(10, nn.Sigmoid)
-    run("deep sigmoid MLP", model, torch.optim.SGD(model.parameters(), lr=0.1), args.out)
+    *_, sigmoid_log = run("deep sigmoid MLP", model, torch.optim.SGD(model.parameters(), lr=0.1), args.out)
     torch.manual_seed(0)
     model = mlp(10, nn.ReLU, init=he)
-    run("same depth, ReLU and He init", model, torch.optim.SGD(model.parameters(), lr=0.05), args.out)
+    *_, relu_log = run("same depth, ReLU and He init", model, torch.optim.SGD(model.parameters(), lr=0.05), args.out)
 
     torch.manual_seed(0)
     model = mlp(4, nn.ReLU, init=too_large)
-    _, loss = run("bad init, clip=None", model, torch.optim.SGD(model.parameters(), lr=0.5), args.out,
+    _, loss, unclipped_log = run("bad init, clip=None", model, torch.optim.SGD(model.parameters(), lr=0.5), args.out,
                   clip=None, skip_nonfinite=False)
     torch.manual_seed(0)
     model = mlp(4, nn.ReLU, init=too_large)
-    _, rescued = run("bad init, clip=auto", model, torch.optim.SGD(model.parameters(), lr=0.5), args.out,
+    _, rescued, auto_log = run("bad init, clip=auto", model, torch.optim.SGD(model.parameters(), lr=0.5), args.out,
                      clip="auto")
     print(f"\nWithout help the bad-init run ends with loss {loss:.3g}; with clip='auto' it ends with "
           f"{rescued:.3g}." + (" gradguard rescued it." if not math.isfinite(loss) and math.isfinite(rescued) else ""))
+    # One report: each broken run beside its fix.
+    report = write_report([sigmoid_log, relu_log, unclipped_log, auto_log], os.path.join(args.out, "report.html"),
+                          title="gradguard demo: broken runs and their fixes")
+    print(f"\nReport (each broken run beside its fix): {report}")
 
 
 if __name__ == "__main__":

@@ -71,12 +71,13 @@ def test_scalars_histograms_heatmap_alert_and_summary_reach_the_run(wandb_dir):
     run_dir = run.settings.sync_dir
     guard = GradGuard(model, clip=1e6, log_every_n_steps=LOG_EVERY, sinks=[WandbSink(heatmap_every=2)])
     first = model[0]
-    expected_global, expected_first, losses = [], [], []
+    expected_global, expected_first, losses, every_step = [], [], [], []
     steps = 25
     for i in range(steps):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
+        every_step.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
         if (i + 1) % LOG_EVERY == 0:  # what the log step must report, measured independently
             expected_global.append(torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in model.parameters()])).item())
@@ -123,6 +124,17 @@ def test_scalars_histograms_heatmap_alert_and_summary_reach_the_run(wandb_dir):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert image["width"] > 100 and image["height"] > 100
 
+    # the global norm of every optimizer step, as a table (and line chart) refreshed with the heatmap,
+    # not as a row per step
+    tables = logged.rows_with("gradguard/global_norm_per_step_table")
+    assert [r["gradguard/step"] for r in tables] == [9, 19, 24]
+    table = json.loads(logged.media_path(tables[-1]["gradguard/global_norm_per_step_table"]).read_text())
+    assert table["columns"] == ["step", "global_norm", "clip_threshold", "event"]
+    assert [row[0] for row in table["data"]] == list(range(steps))
+    assert [row[1] for row in table["data"]] == pytest.approx(every_step, rel=1e-5)
+    assert all(row[2] == pytest.approx(1e6) and row[3] == "" for row in table["data"])
+    assert len(logged.rows_with("gradguard/step")) == 5 + 1  # a row per log step and one at close; none per step
+
     # x-axis declared for every gradguard key
     metrics = {m.get("name") or m.get("glob_name"): m.get("step_metric") for m in logged.metrics}
     assert metrics["gradguard/step"] is None
@@ -132,7 +144,10 @@ def test_scalars_histograms_heatmap_alert_and_summary_reach_the_run(wandb_dir):
     assert len(logged.alerts) == 1
     alert = logged.alerts[0]
     assert alert["title"] == "gradguard: vanishing gradients"
-    assert "Remedies" in alert["text"] and "vanishing at step" in alert["text"]
+    assert "vanishing at step" in alert["text"] and "Likely cause: saturating sigmoid" in alert["text"]
+    remedies = "\n".join(f"{i}. {r}" for i, r in enumerate(findings[0].remedies[:5], 1))
+    assert "Remedies for this finding:\n" + remedies in alert["text"]  # the finding, linked to what to do
+    assert "gradguard/finding/vanishing" in alert["text"]
     assert alert["level"] == ("ERROR" if alert["text"].startswith("CRITICAL") else "WARN")
 
     # the finding, in its latest form, in the summary
@@ -175,7 +190,10 @@ def test_alerts_are_rate_limited_per_kind_and_escalate_by_severity(wandb_dir):
     assert logged.summary["gradguard/finding/dead"]["message"] == "Units are dead."
 
 
-def test_sink_built_before_wandb_init_picks_up_the_run_later(wandb_dir):
+def test_sink_built_before_wandb_init_attaches_to_the_run_and_to_the_next_one(wandb_dir):
+    """No run yet is not a failure (nothing said, the sink's one warning is kept for real failures);
+    the sink attaches when the run appears, says once that records are lost while no run is active,
+    and a second ``wandb.init()`` run gets the data too."""
     assert wandb.run is None
     model = sigmoid_mlp(depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -191,23 +209,48 @@ def test_sink_built_before_wandb_init_picks_up_the_run_later(wandb_dir):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(4)  # log steps 1 and 3: no run yet
+        assert gradguard_warnings(caught) == []
         run = start_run(wandb_dir)
         run_dir = run.settings.sync_dir
         train(4)  # log steps 5 and 7 reach the run
-        guard.close()
         run.finish()
-    sink_warnings = gradguard_warnings(caught)
-    assert len(sink_warnings) == 1 and "no active W&B run" in str(sink_warnings[0].message)
+        train(2)  # log step 9: the run is gone while training goes on
+        gone = gradguard_warnings(caught)
+        second = start_run(wandb_dir)
+        second_dir = second.settings.sync_dir
+        train(4)  # log steps 11 and 13 reach the second run
+        guard.close()
+        second.finish()
+    assert len(gone) == 1 and "finished while training goes on" in str(gone[0].message)
+    assert len(gradguard_warnings(caught)) == 1  # said once, nothing more
 
+    for path, expected in ((run_dir, [5, 7]), (second_dir, [11, 13])):
+        logged = read_run(path)
+        rows = logged.rows_with("gradguard/step")
+        assert [r["gradguard/step"] for r in rows] == expected
+        assert all("grad/hist/0" in r for r in rows)
+        assert not any(key.startswith("grad/norm") for r in logged.history for key in r)  # scalars=False
+        assert not logged.rows_with("gradguard/gradient_flow")  # heatmap_every=0
+        metrics = {m.get("name") or m.get("glob_name"): m.get("step_metric") for m in logged.metrics}
+        assert metrics == {"gradguard/step": None, "grad/hist/*": "gradguard/step",
+                           "gradguard/gradient_flow": "gradguard/step",
+                           "gradguard/global_norm_per_step*": "gradguard/step"}
+
+
+def test_findings_made_before_the_run_reach_its_summary(wandb_dir):
+    sink = WandbSink(heatmap_every=0)
+    f = Finding("exploding", 3, ("fc",), "critical", "Gradients grow.", ("Clip gradients.",), cause="lr too high")
+    sink.finding(f, True)  # no run yet: kept
+    run = start_run(wandb_dir)
+    run_dir = run.settings.sync_dir
+    sink.log(LogRecord(5, {"grad/norm/global": 1.0}, ("fc",), np.ones(1), np.ones(1)))
+    sink.close()
+    run.finish()
     logged = read_run(run_dir)
-    rows = logged.rows_with("gradguard/step")
-    assert [r["gradguard/step"] for r in rows] == [5, 7]
-    assert all("grad/hist/0" in r for r in rows)
-    assert not any(key.startswith("grad/norm") for r in logged.history for key in r)  # scalars=False
-    assert not logged.rows_with("gradguard/gradient_flow")  # heatmap_every=0
-    metrics = {m.get("name") or m.get("glob_name"): m.get("step_metric") for m in logged.metrics}
-    assert metrics == {"gradguard/step": None, "grad/hist/*": "gradguard/step",
-                       "gradguard/gradient_flow": "gradguard/step"}
+    assert logged.summary["gradguard/finding/exploding"]["message"] == "Gradients grow."
+    assert len(logged.alerts) == 1 and logged.alerts[0]["level"] == "ERROR"
+    assert "Likely cause: lr too high." in logged.alerts[0]["text"]
+    assert "Remedies for this finding:\n1. Clip gradients." in logged.alerts[0]["text"]
 
 
 def test_run_finished_mid_training_warns_once_and_training_goes_on(wandb_dir):
@@ -229,7 +272,7 @@ def test_run_finished_mid_training_warns_once_and_training_goes_on(wandb_dir):
         guard.close()  # the run is finished: close adds nothing and says nothing
     sink_warnings = gradguard_warnings(caught)
     assert len(sink_warnings) == 1, [str(w.message) for w in sink_warnings]
-    assert "UsageError" in str(sink_warnings[0].message)
+    assert "finished while training goes on" in str(sink_warnings[0].message)
     assert guard.engine.step_count == 10
     assert not torch.equal(model[0].weight, weights_at_finish)  # training went on
     assert guard.engine.monitor.totals["steps"] == 10  # and so did the monitor
@@ -350,6 +393,7 @@ def test_heatmap_keeps_evenly_spaced_columns_when_full():
     names = ("a", "b")
     for step in range(10):
         sink._add_column(LogRecord(step, {}, names, np.ones(2), np.array([10.0 ** -step, 0.0])))
-    assert sink._column_steps == [0, 4, 8]  # stride doubled twice, columns stay evenly spaced
-    assert len(sink._columns) <= 4
-    assert sink._columns[1][0] == pytest.approx(-4.0) and np.isnan(sink._columns[1][1])  # log10; 0 -> no value
+    heat = sink._heat
+    assert heat.steps == [0, 4, 8]  # stride doubled twice, columns stay evenly spaced
+    assert len(heat.columns) <= 4
+    assert heat.columns[1][0] == pytest.approx(-4.0) and np.isnan(heat.columns[1][1])  # log10; 0 -> no value

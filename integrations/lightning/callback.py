@@ -311,6 +311,12 @@ class GradGuardCallback(*_callback_bases()):
                 sinks += [WandbSink(lg.experiment, scalars=False) for lg in wandb_loggers]
             else:
                 sinks.append(WandbSink())
+        # TensorBoardLogger already gets the scalars through the Trainer; add histograms, every step and the heatmap
+        tb_loggers = [lg for lg in trainer.loggers if _is(lg, "TensorBoardLogger")]
+        if tb_loggers:
+            from gradguard.tensorboard import TensorBoardSink
+
+            sinks += [TensorBoardSink(writer=lg.experiment, scalars=False) for lg in tb_loggers]
         return sinks + make_sinks(self.sinks)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:

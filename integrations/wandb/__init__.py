@@ -22,20 +22,32 @@ What is written to the run, on every log step, as ONE ``run.log`` row (no ``step
   Lightning they already reach W&B through the Trainer's logger);
 - ``grad/hist/<layer>``: a ``wandb.Histogram`` of each logged layer's gradient values;
 - ``gradguard/gradient_flow``: a heatmap image (layer by log step, log10 of the window-mean per-layer
-  gradient L2 norm), redrawn every ``heatmap_every`` log steps and at ``close()``.
+  gradient L2 norm), redrawn every ``heatmap_every`` log steps and at ``close()``;
+- ``gradguard/global_norm_per_step``: the global norm of EVERY optimizer step (not only log steps), as a
+  line chart over a ``wandb.Table`` (columns ``step``, ``global_norm``, ``clip_threshold``, ``event``:
+  "clipped", "spike", "skipped", "non-finite" or ""), refreshed with the heatmap, so a spike between two log
+  steps is visible at its own step without adding a row per step to the run. Kept to ``max_table_steps``
+  rows (beyond that every other ordinary step is dropped; steps with an event are always kept).
 
 Findings: each new finding (and a finding whose severity rises to critical) becomes ``run.alert`` with
-level WARN/ERROR, at most one alert per finding kind per ``alert_interval`` seconds (also passed to W&B
+level WARN/ERROR (its text: the finding, its likely cause, and the remedies, numbered), at most one alert per finding kind per ``alert_interval`` seconds (also passed to W&B
 as ``wait_duration``, so the server deduplicates too). Every finding is kept up to date in the run
 summary as ``summary["gradguard/finding/<kind>"]`` (a dict: severity, step, layers, message, remedies,
 cause, evidence). Not ``summary["gradguard/findings"]``: that key is the logged count of findings.
 
+The run: ``run=None`` follows ``wandb.run``. A sink built before ``wandb.init()`` waits quietly and
+attaches to the run when it appears (the heatmap and the per-step table then include the steps before
+it; the findings so far go to its summary); when that run finishes and the user starts another one,
+the sink attaches to the new one. When the run goes away while training goes on, the sink warns once
+that gradguard's records are not reaching W&B until a new run starts.
+
 A failing W&B call raises out of the sink, the monitor turns that into one warning and training goes
-on; after a failure the sink stays quiet (no more rendering or logging).
+on; after a failure the sink stays quiet (no more rendering or logging) until a new run appears.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -49,13 +61,12 @@ except ImportError as exc:  # the extra is not installed
     raise ImportError('gradguard.wandb needs Weights & Biases: pip install "gradguard[wandb]"') from exc
 
 from gradguard.findings import Finding
+from gradguard._heatmap import HeatmapColumns, render_heatmap  # noqa: F401  (render_heatmap: public here before)
 from gradguard.sinks import LogRecord, Sink
 
 __all__ = ["WandbSink"]
 
-
-class NoActiveRun(RuntimeError):
-    """No run was given and ``wandb.run`` is None (yet): the next log step tries again."""
+logger = logging.getLogger("gradguard")
 
 
 _LEVELS = {"warning": "WARN", "critical": "ERROR"}
@@ -75,10 +86,12 @@ class WandbSink(Sink):
         alert_interval: seconds between two alerts of the same finding kind.
         step_metric: the x-axis key written with every row.
         max_heatmap_columns: the heatmap keeps at most this many log steps, evenly spread.
+        max_table_steps: the per-step global-norm table keeps about this many steps (0: no table).
     """
 
     def __init__(self, run: Any = None, *, scalars: bool = True, histograms: bool = True, heatmap_every: int = 10,
-                 alert_interval: float = 300.0, step_metric: str = "gradguard/step", max_heatmap_columns: int = 400):
+                 alert_interval: float = 300.0, step_metric: str = "gradguard/step", max_heatmap_columns: int = 400,
+                 max_table_steps: int = 20_000):
         for name, value in (("scalars", scalars), ("histograms", histograms)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -90,6 +103,8 @@ class WandbSink(Sink):
             raise ValueError(f"step_metric must be a non-empty string, got {step_metric!r}")
         if isinstance(max_heatmap_columns, bool) or not isinstance(max_heatmap_columns, int) or max_heatmap_columns < 2:
             raise ValueError(f"max_heatmap_columns must be an int >= 2, got {max_heatmap_columns!r}")
+        if isinstance(max_table_steps, bool) or not isinstance(max_table_steps, int) or max_table_steps < 0:
+            raise ValueError(f"max_table_steps must be an int >= 0, got {max_table_steps!r}")
         self._given_run = run
         self.scalars = scalars
         self.wants_histograms = histograms  # read by the adapters: compute histograms on log steps
@@ -97,41 +112,72 @@ class WandbSink(Sink):
         self.alert_interval = float(alert_interval)
         self.step_metric = step_metric
         self.max_heatmap_columns = max_heatmap_columns
+        self.max_table_steps = max_table_steps
         self._run: Any = None
         self._failed = False
+        self._warned_gone = False
         self._last_step: int | None = None
-        # heatmap: one column per kept log step; keep every `_stride`-th log step, doubling the
-        # stride (and dropping every other column) when full, so columns stay evenly spaced.
-        self._layer_names: tuple[str, ...] = ()
-        self._columns: list[np.ndarray] = []
-        self._column_steps: list[int] = []
-        self._stride = 1
-        self._seen = 0
-        self._undrawn = False  # a column was added since the heatmap was last drawn
+        self._heat = HeatmapColumns(max_heatmap_columns)
+        self._seen = 0  # log steps seen (the heatmap is redrawn every heatmap_every of them)
+        self._table: list[list] = []  # per-step rows: step, global norm, clip threshold, event
+        self._table_dirty = False
+        self._findings: dict[str, Finding] = {}  # the latest of each kind, for a run that appears later
         self._alerted: dict[str, tuple[float, str]] = {}  # kind -> (time of last alert, its severity)
 
     # ------------------------------------------------------------------ the run
 
-    def _get_run(self) -> Any:
-        if self._run is None:
-            run = self._given_run if self._given_run is not None else wandb.run
-            if run is None:  # not fatal: a run started later is picked up at the next log step
-                raise NoActiveRun("WandbSink: no active W&B run; call wandb.init() before training or pass run=")
-            globs = ("grad/*", "gradguard/*") if self.scalars else ("grad/hist/*", "gradguard/gradient_flow")
-            run.define_metric(self.step_metric)
-            for key in globs:
-                run.define_metric(key, step_metric=self.step_metric)
-            self._run = run
-        return self._run
+    def _current_run(self) -> Any:
+        """The run to write to now, or None (no run yet, or ours finished and no new one started)."""
+        if self._given_run is not None:
+            run = self._given_run
+            if getattr(run, "_is_finished", False):
+                self._say_gone(run)
+                return None
+        else:
+            run = wandb.run
+            if run is None or getattr(run, "_is_finished", False):
+                if self._run is not None:
+                    self._say_gone(self._run)
+                return None
+        if run is not self._run:
+            self._attach(run)
+        return run
+
+    def _attach(self, run: Any) -> None:
+        """A new run (the first one, or the next ``wandb.init()``): declare the x-axis, send it the
+        findings so far, and start afresh (a failure on the old run says nothing about this one)."""
+        globs = ("grad/*", "gradguard/*") if self.scalars else (
+            "grad/hist/*", "gradguard/gradient_flow", "gradguard/global_norm_per_step*")
+        run.define_metric(self.step_metric)
+        for key in globs:
+            run.define_metric(key, step_metric=self.step_metric)
+        first = self._run is None
+        self._run, self._failed, self._warned_gone, self._alerted = run, False, False, {}
+        self._table_dirty = self._table_dirty or bool(self._table)
+        self._heat.undrawn = self._heat.undrawn or bool(self._heat.columns)
+        if not first:
+            logger.info("gradguard: WandbSink attached to the new W&B run %s", getattr(run, "id", run))
+        for f in self._findings.values():
+            self._finding(run, f)
+
+    def _say_gone(self, run: Any) -> None:
+        if not self._warned_gone:
+            self._warned_gone = True
+            warnings.warn(f"gradguard: WandbSink: the W&B run {getattr(run, 'id', '')} finished while training goes "
+                          "on; gradguard's records do not reach W&B until a new wandb.init() run starts (the sink "
+                          "attaches to it)", RuntimeWarning, stacklevel=4)
 
     def _guarded(self, fn, *args) -> None:
-        """Run one W&B interaction; after the first failure the sink goes quiet."""
-        if self._failed:
+        """Run one W&B interaction; after the first failure the sink goes quiet (until a new run)."""
+        try:
+            run = self._current_run()
+        except Exception:
+            self._failed = True
+            raise
+        if run is None or self._failed:
             return
         try:
-            fn(*args)
-        except NoActiveRun:
-            raise
+            fn(run, *args)
         except Exception:
             self._failed = True
             raise
@@ -139,37 +185,66 @@ class WandbSink(Sink):
     # ------------------------------------------------------------------ Sink
 
     def log(self, record: LogRecord) -> None:
+        self._last_step = record.step
+        self._seen += 1
+        if self.heatmap_every:  # kept even while there is no run: it is drawn when one appears
+            self._heat.add(record.layer_names, record.layer_norm_mean, record.step)
+        if self.max_table_steps:
+            self._add_steps(record.per_step)
         self._guarded(self._log, record)
 
     def finding(self, finding: Finding, new: bool) -> None:
+        self._findings[finding.kind] = finding
         self._guarded(self._finding, finding)
 
     def close(self) -> None:
         run = self._run
-        if run is None or self._failed or getattr(run, "_is_finished", False):
+        if run is None or self._failed or getattr(run, "_is_finished", False) or (
+                self._given_run is None and wandb.run is not run):
             return  # nothing to add, or the user finished the run first: stay silent
-        if self.heatmap_every and self._undrawn:
-            self._guarded(lambda: run.log({self.step_metric: self._last_step, **self._heatmap()}))
+        extra = self._charts(final=True)
+        if extra:
+            self._guarded(lambda r: r.log({self.step_metric: self._last_step, **extra}))
 
     # ------------------------------------------------------------------ work
 
-    def _log(self, record: LogRecord) -> None:
-        run = self._get_run()
-        self._last_step = record.step
+    def _log(self, run: Any, record: LogRecord) -> None:
         row: dict[str, Any] = {self.step_metric: record.step}
         if self.scalars:
             row.update(record.scalars)
         if self.wants_histograms and record.histograms:
             for layer, (counts, edges) in record.histograms.items():
                 row[f"grad/hist/{layer}"] = wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
-        if self.heatmap_every:
-            self._add_column(record)
-            if self._seen % self.heatmap_every == 0:
-                row.update(self._heatmap())
+        row.update(self._charts(final=False))
         run.log(row)  # one row per log step, no step=: see the module docstring
 
-    def _finding(self, f: Finding) -> None:
-        run = self._get_run()
+    def _charts(self, final: bool) -> dict[str, Any]:
+        """The heatmap and the per-step table, every ``heatmap_every`` log steps (or at the end)."""
+        out: dict[str, Any] = {}
+        if not self.heatmap_every or not (final or self._seen % self.heatmap_every == 0):
+            return out
+        if self._heat.undrawn:
+            out.update(self._heatmap())
+        if self._table_dirty and self._table:
+            self._table_dirty = False
+            table = wandb.Table(columns=["step", "global_norm", "clip_threshold", "event"], data=self._table)
+            out["gradguard/global_norm_per_step"] = wandb.plot.line(
+                table, "step", "global_norm", title="gradguard: global gradient norm, every optimizer step")
+        return out
+
+    def _add_steps(self, per_step: Any) -> None:
+        if not per_step:
+            return
+        for i, step in enumerate(per_step["step"]):
+            g, thr = per_step["global_norm"][i], per_step["clip_threshold"][i]
+            event = ("skipped" if per_step["skipped"][i] else "non-finite" if per_step["nonfinite"][i]
+                     else "spike" if per_step["spike"][i] else "clipped" if per_step["clipped"][i] else "")
+            self._table.append([int(step), g, thr, event])
+        self._table_dirty = True
+        if len(self._table) > self.max_table_steps:  # thin ordinary steps, keep every event
+            self._table = [r for k, r in enumerate(self._table) if r[3] or k % 2 == 0]
+
+    def _finding(self, run: Any, f: Finding) -> None:
         run.summary[f"gradguard/finding/{f.kind}"] = _jsonable(f.to_dict())
         now = time.monotonic()
         last = self._alerted.get(f.kind)
@@ -181,66 +256,23 @@ class WandbSink(Sink):
 
     # ------------------------------------------------------------------ heatmap
 
-    def _add_column(self, record: LogRecord) -> None:
-        if record.layer_names != self._layer_names:  # a new layout starts a new picture
-            self._layer_names = tuple(record.layer_names)
-            self._columns, self._column_steps, self._stride, self._seen = [], [], 1, 0
-        self._seen += 1
-        if (self._seen - 1) % self._stride:
-            return
-        with np.errstate(divide="ignore", invalid="ignore"):
-            col = np.log10(np.asarray(record.layer_norm_mean, dtype=np.float64))
-        self._columns.append(np.where(np.isfinite(col), col, np.nan).astype(np.float32))
-        self._column_steps.append(record.step)
-        self._undrawn = True
-        if len(self._columns) > self.max_heatmap_columns:
-            self._columns, self._column_steps = self._columns[::2], self._column_steps[::2]
-            self._stride *= 2
+    def _add_column(self, record: LogRecord) -> None:  # kept for tests and subclasses
+        self._heat.add(record.layer_names, record.layer_norm_mean, record.step)
 
     def _heatmap(self) -> dict[str, Any]:
-        self._undrawn = False
-        image = render_heatmap(np.stack(self._columns, axis=1), self._layer_names, self._column_steps)
+        image = self._heat.render()
         return {} if image is None else {"gradguard/gradient_flow": wandb.Image(image, caption=(
             "log10 gradient L2 norm per layer (rows, forward order) and log step (columns)"))}
 
 
-def render_heatmap(values: np.ndarray, layer_names: tuple[str, ...], steps: list[int]) -> np.ndarray | None:
-    """An RGB image of ``values`` (layers x log steps, log10 norms). Uses matplotlib's Agg canvas
-    directly, so the user's pyplot state and backend are left alone. None without matplotlib."""
-    try:
-        from matplotlib import colormaps
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn("gradguard.wandb: matplotlib is not installed, so no gradient-flow heatmap is drawn",
-                      RuntimeWarning, stacklevel=2)
-        return None
-    n_layers, n_steps = values.shape
-    fig = Figure(figsize=(8, min(2.0 + 0.22 * n_layers, 14)), dpi=80)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    finite = values[np.isfinite(values)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
-    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")  # grey: no gradient (or exactly 0) in that window
-    im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", cmap=cmap,
-                   vmin=lo, vmax=hi if hi > lo else lo + 1.0)
-    rows = np.unique(np.linspace(0, n_layers - 1, min(n_layers, 40)).round().astype(int))
-    ax.set_yticks(rows, [layer_names[i] for i in rows], fontsize=7)
-    cols = np.unique(np.linspace(0, n_steps - 1, min(n_steps, 8)).round().astype(int))
-    ax.set_xticks(cols, [str(steps[i]) for i in cols], fontsize=7)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("layer (forward order)")
-    ax.set_title("gradient flow: log10 per-layer gradient norm", fontsize=9)
-    fig.colorbar(im, ax=ax, label="log10 L2 norm")
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
 def _alert_text(f: Finding) -> str:
+    """The finding, why it happens, and what to do about it; the full record is in the run summary."""
     text = str(f)
+    if f.cause:
+        text += f"\nLikely cause: {f.cause}."
     if f.remedies:
-        text += "\nRemedies:\n" + "\n".join(f"- {r}" for r in f.remedies[:4])
+        text += "\nRemedies for this finding:\n" + "\n".join(f"{i}. {r}" for i, r in enumerate(f.remedies[:5], 1))
+    text += f"\nDetails: run summary gradguard/finding/{f.kind}."
     return text[:2000]
 
 

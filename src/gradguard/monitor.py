@@ -23,6 +23,7 @@ from gradguard.clipping import ClipPolicy
 from gradguard.findings import Finding
 from gradguard.layers import LayerInfo, ModelFacts, check_layers
 from gradguard.sinks import LogRecord, Sink, SinkSet
+from gradguard import stats
 from gradguard.stats import Snapshot, WindowStats
 
 logger = logging.getLogger("gradguard")
@@ -109,6 +110,7 @@ class Monitor:
         self.totals = {"steps": 0, "skipped": 0, "nonfinite": 0, "clipped": 0, "spikes": 0, "explosions": 0}
         self.clip_enabled_step: int | None = None
         self.history: collections.deque = collections.deque(maxlen=history_size)
+        self._unreported_trace: list[tuple[int, np.ndarray]] = []  # per-step rows of windows judged, not logged
 
     # ------------------------------------------------------------------ results
 
@@ -177,8 +179,13 @@ class Monitor:
         for f in new:
             self._emit(f)
 
+        if window.trace is not None:  # every step reaches the log, also those of unreported windows
+            self._unreported_trace = self._unreported_trace[-15:] + [(window.trace_first_step, window.trace)]
         if report:
             record = self._record(window, snapshot)
+            record.per_step = per_step_record(self._unreported_trace, self.skip_nonfinite)
+            record.layer_numel = np.array([l.numel for l in self.layers], dtype=np.int64)
+            self._unreported_trace = []
             self.history.append((record.step, record.layer_norm_mean.astype(np.float32)))
             if self.logging_rank:  # every rank decides the same; only one reports
                 self.sinks.log(record)
@@ -276,6 +283,33 @@ class Monitor:
 
     def close(self) -> None:
         self.sinks.close()
+
+
+def per_step_record(parts: Sequence[tuple[int, np.ndarray]], skip_nonfinite: bool) -> dict[str, list] | None:
+    """The per-step trace rows (see ``stats.TRACE_*``) of one or more windows as plain lists, one
+    entry per optimizer step: the JSON-lines record's ``per_step``. Non-finite norms and thresholds
+    (no clipping) are None."""
+    if not parts:
+        return None
+    steps = np.concatenate([np.arange(first, first + len(rows)) for first, rows in parts])
+    rows = np.concatenate([rows for _, rows in parts]).astype(np.float64)
+    flags = np.nan_to_num(rows[:, stats.TRACE_FLAGS]).astype(np.int64)
+
+    def values(col):
+        return [float(v) if math.isfinite(v) else None for v in rows[:, col]]
+
+    nonfinite = (flags & stats.FLAG_NONFINITE) > 0
+    return {
+        "step": steps.tolist(),
+        "global_norm": values(stats.TRACE_NORM),
+        "clip_threshold": values(stats.TRACE_THRESHOLD),
+        "scale": [float(v) for v in np.nan_to_num(rows[:, stats.TRACE_SCALE], nan=1.0)],
+        "nonfinite": nonfinite.astype(int).tolist(),
+        "skipped": (nonfinite & skip_nonfinite).astype(int).tolist(),
+        "clipped": ((flags & stats.FLAG_CLIPPED) > 0).astype(int).tolist(),
+        "spike": ((flags & stats.FLAG_SPIKE) > 0).astype(int).tolist(),
+        "explosion": ((flags & stats.FLAG_EXPLOSION) > 0).astype(int).tolist(),
+    }
 
 
 def depth_ratio(rms: np.ndarray, layer_steps: np.ndarray) -> float:

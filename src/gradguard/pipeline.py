@@ -239,14 +239,16 @@ class Pipeline:
         self.monitor = Monitor(self.layers, facts, policy_name=self.policy.name, policy=self.policy,
                                skip_nonfinite=options.skip_nonfinite, sinks=sinks, config=options.detector_config,
                                max_logged_layers=options.max_logged_layers, logging_rank=logging_rank)
-        self.layout = StateLayout(stats.init_state(self.n_layers, self.policy))
+        # the per-step trace keeps at least one log interval (no step between two log steps is lost)
+        self.trace_size = min(max(stats.TRACE_SIZE, self.every), 4096)
+        self.layout = StateLayout(self.initial_state())
         self.latch = stats.latch_key(self.policy)
         self.step = 0  # optimizer steps seen, skipped ones included
 
     # -------------------------------------------------------------- per step
 
     def initial_state(self) -> dict[str, np.ndarray]:
-        return stats.init_state(self.n_layers, self.policy)
+        return stats.init_state(self.n_layers, self.policy, trace_size=self.trace_size)
 
     def is_log_step(self, step: int | None = None) -> bool:
         return is_log_step(self.step if step is None else step, self.every)

@@ -1,146 +1,254 @@
-"""A local report that needs no account: one self-contained HTML file (inline SVG, no scripts).
+"""A local report that needs no account: one self-contained HTML file (inline SVG, no script, no CDN).
 
-    python -m gradguard.report runs/gradguard.jsonl -o report.html
+    gradguard report RUN [RUN ...] -o report.html
+    python -m gradguard.report RUN [RUN ...] -o report.html
 
-It shows the findings with their remedies, the gradient-flow heatmap (layer by log step, log10 of
-the window-mean gradient norm) and the global norm over time.
+RUN is the ``.jsonl`` file a ``JsonlSink`` wrote (``sinks="runs/x"`` or ``sinks="runs/x.jsonl"``), or
+the directory holding its ``gradguard.jsonl``. Two or more runs are shown side by side (a run and
+its fix). The page shows, per run:
+
+- the findings first, each with its evidence as a small chart (vanishing, dead, saturated: the
+  gradient RMS per layer, first to last, on a log axis; exploding, non-finite: the global norm of
+  every step around the step it happened);
+- the timeline: the global gradient norm of every optimizer step on a log axis, the clip threshold,
+  clipped, skipped and spike steps, where clipping switched on and where findings were established;
+- the gradient-flow heatmap (layer by log step, log colour scale with a colour bar, values on hover);
+- the depth profile (gradient RMS per layer, first to last) at chosen log steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
-import json
 import math
 import os
-from typing import Any, Iterable, Sequence
+import sys
+from typing import Iterable, Sequence
 
 import numpy as np
 
+from gradguard import _svg
+from gradguard._svg import esc, fmt
+from gradguard.runlog import RunLog, RunLogError, read_run
 
-def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """Steps and the latest version of each finding from a JsonlSink file."""
-    steps, findings = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            if obj.get("type") == "step":
-                steps.append(obj)
-            elif obj.get("type") == "finding":
-                findings[obj["kind"]] = obj
-    return steps, sorted(findings.values(), key=lambda f: (f["step"], f["kind"]))
+PARTS = ("findings", "timeline", "heatmap", "profile")  # the sections every report has, per run
 
-
-def _color(t: float) -> str:
-    """t in [0, 1] -> a dark-blue to yellow ramp (viridis-like); NaN -> grey."""
-    if not math.isfinite(t):
-        return "#dddddd"
-    stops = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
-    x = min(max(t, 0.0), 1.0) * (len(stops) - 1)
-    i = min(int(x), len(stops) - 2)
-    a, b, f = stops[i], stops[i + 1], x - i
-    return "#%02x%02x%02x" % tuple(int(a[k] + (b[k] - a[k]) * f) for k in range(3))
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1280px;color:#222;
+padding:0 1em;background:#fff}
+h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.15em;margin:1.4em 0 .4em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+h3{font-size:1em;margin:.2em 0 .4em}.sub{color:#666;font-size:.9em;margin:.2em 0 .8em}
+.row{display:grid;gap:1.2em;grid-template-columns:repeat(var(--runs),minmax(0,1fr))}
+.panel{min-width:0}.chart{width:100%;height:auto;display:block}
+.f{padding:.5em .9em;margin:.6em 0;background:#fafafa;border-radius:4px}
+.critical{border-left:5px solid #c0392b}.warning{border-left:5px solid #e6a23c}
+.f p{margin:.3em 0}.f ul{margin:.3em 0 .5em 1.1em;padding:0}.cause{color:#555}
+.sev{font-weight:700;font-size:.8em;padding:.1em .4em;border-radius:3px;color:#fff;margin-right:.4em}
+.sev.critical{background:#c0392b;border:0}.sev.warning{background:#e6a23c;border:0}
+.ok{color:#2e7d32}.stats{font-size:.9em;color:#444;margin:.2em 0}.stats b{color:#222}
+.legend{font-size:.82em;color:#444;margin:.2em 0 .6em}.key{margin-right:1em;white-space:nowrap}
+.key svg{vertical-align:middle}.warn{color:#a15c00;font-size:.9em}.nodata{color:#888}
+"""
 
 
-def heatmap_svg(layers: Sequence[str], steps: Sequence[int], norms: np.ndarray, width: int = 760) -> str:
-    """``norms``: (n_steps, n_layers). Rows are layers (first layer on top), columns are log steps."""
-    n_steps, n_layers = norms.shape
-    if n_steps == 0 or n_layers == 0:
-        return "<p>No data.</p>"
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logn = np.log10(np.where(norms > 0, norms, np.nan))
-    finite = logn[np.isfinite(logn)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    span = hi - lo or 1.0
-    label_w, cell_h = 180, max(4, min(18, 480 // n_layers))
-    cell_w = max(1.0, (width - label_w) / n_steps)
-    height = cell_h * n_layers + 40
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="10" '
-             'font-family="sans-serif">']
-    for j in range(n_layers):
-        y = j * cell_h
-        if cell_h >= 8 or j in (0, n_layers - 1):
-            parts.append(f'<text x="{label_w - 4}" y="{y + cell_h - 2}" text-anchor="end">'
-                         f'{html.escape(layers[j][:28])}</text>')
-        for i in range(n_steps):
-            v = logn[i, j]
-            title = f"{layers[j]} @ step {steps[i]}: " + (f"{norms[i, j]:.3g}" if np.isfinite(v) else "n/a")
-            parts.append(f'<rect x="{label_w + i * cell_w:.1f}" y="{y}" width="{cell_w + 0.5:.1f}" height="{cell_h}" '
-                         f'fill="{_color((v - lo) / span)}"><title>{html.escape(title)}</title></rect>')
-    y0 = n_layers * cell_h + 14
-    parts.append(f'<text x="{label_w}" y="{y0}">step {steps[0]}</text>')
-    parts.append(f'<text x="{width}" y="{y0}" text-anchor="end">step {steps[-1]}</text>')
-    parts.append(f'<text x="{label_w}" y="{y0 + 16}">colour: log10 gradient norm, {lo:.1f} (dark) to {hi:.1f} '
-                 '(yellow); first layer on top</text></svg>')
-    return "".join(parts)
+def profile_steps(run: RunLog, chosen: Sequence[int] | None = None, limit: int = 5) -> list[int]:
+    """Indices into ``run.log_steps`` for the depth profile: the requested steps (nearest log step at
+    or after each), or the first and last log step and those where findings were established."""
+    ls = run.log_steps
+    if ls.size == 0:
+        return []
+
+    def at(step):
+        i = int(np.searchsorted(ls, step))
+        return min(i, ls.size - 1)
+
+    if chosen:
+        wanted = [at(s) for s in chosen]
+    else:
+        wanted = [0] + [at(f["step"]) for f in run.findings] + [ls.size - 1]
+    return sorted(dict.fromkeys(wanted))[:limit]
 
 
-def line_svg(xs: Sequence[float], ys: Sequence[float], width: int = 760, height: int = 180) -> str:
-    pts = [(x, math.log10(y)) for x, y in zip(xs, ys) if y is not None and y > 0 and math.isfinite(y)]
-    if len(pts) < 2:
-        return "<p>Not enough data.</p>"
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    sx = (width - 60) / ((x1 - x0) or 1)
-    sy = (height - 30) / ((y1 - y0) or 1)
-    path = " ".join(f"{50 + (x - x0) * sx:.1f},{height - 20 - (y - y0) * sy:.1f}" for x, y in pts)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="10" '
-            f'font-family="sans-serif"><polyline fill="none" stroke="#3b528b" stroke-width="1.5" points="{path}"/>'
-            f'<text x="2" y="12">1e{y1:.1f}</text><text x="2" y="{height - 20}">1e{y0:.1f}</text>'
-            f'<text x="50" y="{height - 4}">step {x0:g}</text>'
-            f'<text x="{width}" y="{height - 4}" text-anchor="end">step {x1:g}</text></svg>')
-
-
-def render(steps: list[dict], findings: Iterable[dict], title: str = "gradguard report") -> str:
-    findings = list(findings)
-    layers = steps[-1]["layers"] if steps else []
-    rows = [s for s in steps if s["layers"] == layers]
-    norms = np.array([[np.nan if v is None else v for v in s["layer_norm_mean"]] for s in rows], dtype=float)
-    xs = [s["step"] for s in rows]
-    gmax = [s["scalars"].get("grad/norm/global_max") for s in rows]
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;max-width:820px;margin:2em auto;color:#222}"
-           ".critical{border-left:5px solid #c0392b}.warning{border-left:5px solid #e6a23c}"
-           ".f{padding:.4em 1em;margin:.8em 0;background:#fafafa}</style></head><body>",
-           f"<h1>{html.escape(title)}</h1>"]
-    if steps:
-        last = steps[-1]["scalars"]
-        out.append(f"<p>{len(steps)} log steps up to step {steps[-1]['step']}; {len(layers)} layers. "
-                   f"Skipped steps: {int(last.get('gradguard/skipped_steps', 0))}, clipped steps: "
-                   f"{int(last.get('gradguard/clipped_steps', 0))}.</p>")
-    out.append(f"<h2>Findings ({len(findings)})</h2>")
-    if not findings:
-        out.append("<p>No findings: gradients look healthy.</p>")
-    for f in findings:
-        out.append(f"<div class='f {html.escape(f['severity'])}'><b>{html.escape(f['severity'].upper())} "
-                   f"{html.escape(f['kind'])}</b> at step {f['step']}"
-                   + (f" in {html.escape(', '.join(f['layers'][:8]))}" if f.get("layers") else "")
-                   + f"<p>{html.escape(f['message'])}</p><ul>"
-                   + "".join(f"<li>{html.escape(r)}</li>" for r in f.get("remedies", [])) + "</ul></div>")
-    out.append("<h2>Gradient flow</h2>" + heatmap_svg(layers, xs, norms))
-    out.append("<h2>Largest global gradient norm between log steps (log scale)</h2>" + line_svg(xs, gmax))
-    out.append("</body></html>")
+def _finding_html(run: RunLog, f: dict, width: int) -> str:
+    sev = f.get("severity", "warning")
+    layers = f.get("layers") or []
+    where = (" in " + esc(", ".join(layers[:6])) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")) if layers else ""
+    out = [f"<div class='f {esc(sev)}' data-kind='{esc(f['kind'])}'><h3><span class='sev {esc(sev)}'>"
+           f"{esc(sev.upper())}</span>{esc(f['kind'])} <span class='sub'>established at step {f['step']}{where}</span>"
+           f"</h3><p>{esc(f['message'])}</p>"]
+    if f.get("cause"):
+        out.append(f"<p class='cause'>Likely cause: {esc(f['cause'])}</p>")
+    if f.get("remedies"):
+        out.append("<b>Remedies</b><ul>" + "".join(f"<li>{esc(r)}</li>" for r in f["remedies"]) + "</ul>")
+    out.append(evidence_chart(run, f, width))
+    out.append("</div>")
     return "".join(out)
 
 
-def write_report(jsonl_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> str:
-    """Render the JSON-lines file written by ``JsonlSink`` to HTML; returns the HTML file's path."""
-    steps, findings = read_jsonl(jsonl_path)
-    out_path = os.fspath(out_path or os.path.splitext(os.fspath(jsonl_path))[0] + ".html")
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write(render(steps, findings))
+def evidence_chart(run: RunLog, f: dict, width: int = 520) -> str:
+    """The chart that shows why a finding was made."""
+    kind, step = f["kind"], int(f["step"])
+    if kind in ("exploding", "nonfinite") or run.log_steps.size == 0:
+        lo, hi = step - 40, step + 40
+        if run.step.size:
+            lo, hi = max(lo, int(run.step.min())), min(hi, int(run.step.max()))
+        return _svg.timeline_svg(run, width=width, height=170, window=(lo, max(hi, lo + 1)), focus=step,
+                                 part="evidence")
+    values, what = run.depth_values
+    usable = np.flatnonzero((np.nan_to_num(values) > 0).any(axis=1))  # log steps with finite gradients
+    if usable.size == 0:
+        return "<p class='nodata'>No finite per-layer gradients were recorded.</p>"
+    i = profile_steps(run, [step])[0]
+    if i not in usable:  # e.g. every step of that window was non-finite: the latest usable one before it
+        before = usable[usable <= i]
+        i = int(before[-1] if before.size else usable[0])
+    series = [(f"step {run.log_steps[i]} (window mean)", values[i])]
+    if i != usable[-1]:
+        series.append((f"step {run.log_steps[usable[-1]]} (last usable log step)", values[usable[-1]]))
+    return _svg.profile_svg(run.layers, series, what, width=width, height=180, part="evidence",
+                            highlight=f.get("layers") or ())
+
+
+def _run_stats(run: RunLog) -> str:
+    sc = run.last_scalars
+    n_steps = int(run.step.max()) + 1 if run.step.size else 0
+    parts = [f"<b>{n_steps}</b> optimizer steps", f"<b>{run.log_steps.size}</b> log steps",
+             f"<b>{len(run.layers)}</b> layers",
+             f"clipped <b>{int(sc.get('gradguard/clipped_steps', run.clipped.sum()))}</b>",
+             f"skipped <b>{int(sc.get('gradguard/skipped_steps', run.skipped.sum()))}</b>"]
+    on = run.clip_enabled_step
+    if on is not None:
+        parts.append(f"clipping on from step <b>{on}</b>")
+    finite = run.global_norm[np.isfinite(run.global_norm)]
+    if finite.size:
+        parts.append(f"global norm {fmt(float(finite.min()))} to {fmt(float(finite.max()))}")
+    out = "<p class='stats'>" + ", ".join(parts) + "</p>"
+    if not run.per_step:
+        out += ("<p class='warn'>This log has no per-step trace (written by an older gradguard): one point per "
+                "log step, the largest norm since the one before.</p>")
+    for w in run.warnings:
+        out += f"<p class='warn'>{esc(w)}</p>"
+    return out
+
+
+def render(runs: Sequence[RunLog], title: str = "gradguard report", profile_at: Sequence[int] | None = None) -> str:
+    """The report of one or more runs as one HTML page (runs side by side)."""
+    runs = list(runs)
+    # columns: one run alone; pairs (a run and its fix) two by two; otherwise three abreast
+    n = 1 if len(runs) <= 1 else 2 if len(runs) % 2 == 0 else 3
+    width = 900 if n == 1 else 560 if n == 2 else 420
+
+    def row(part: str, cells: Iterable[str]) -> str:
+        return (f"<div class='row' data-part='{part}'>" +
+                "".join(f"<div class='panel' data-run='{esc(r.name)}'>{c}</div>" for r, c in zip(runs, cells)) + "</div>")
+
+    out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+           f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{esc(title)}</title>"
+           f"<style>{_CSS}</style></head><body style='--runs:{n}'>",
+           f"<h1>{esc(title)}</h1><p class='sub'>{len(runs)} run{'s' * (len(runs) > 1)}: "
+           + ", ".join(f"<b>{esc(r.name)}</b> <span class='sub'>({esc(r.path)})</span>" for r in runs) + "</p>"]
+    out.append(row("header", (f"<h2>{esc(r.name)}</h2>" + _run_stats(r) for r in runs)))
+
+    def findings_cell(r: RunLog) -> str:
+        if not r.findings:
+            return "<p class='ok'>No findings: gradients look healthy.</p>"
+        return "".join(_finding_html(r, f, width) for f in r.findings)
+
+    out.append("<h2>Findings</h2>" + row("findings", (findings_cell(r) for r in runs)))
+    out.append("<h2>Global gradient norm, every optimizer step</h2>" + _svg.legend_html()
+               + row("timeline", (_svg.timeline_svg(r, width=width) for r in runs)))
+
+    def heat(r: RunLog) -> str:
+        values, what = r.depth_values
+        return _svg.heatmap_svg(r.layers, [int(s) for s in r.log_steps], values, what, width=width)
+
+    out.append("<h2>Gradient flow: layer by log step</h2><p class='sub'>First layer on top. Hover a cell for its "
+               "value; grey: no gradient in that window.</p>" + row("heatmap", (heat(r) for r in runs)))
+
+    def profile(r: RunLog) -> str:
+        values, what = r.depth_values
+        idx = profile_steps(r, profile_at)
+        if not idx:
+            return "<p class='nodata'>No log steps recorded yet.</p>"
+        return _svg.profile_svg(r.layers, [(f"step {r.log_steps[i]}", values[i]) for i in idx], what, width=width)
+
+    out.append("<h2>Depth profile</h2><p class='sub'>Gradient RMS per layer, first layer to last, at chosen log "
+               "steps (window means). Healthy nets stay within a few orders of magnitude; a collapse toward the "
+               "input side is vanishing gradients.</p>" + row("profile", (profile(r) for r in runs)))
+    out.append("<p class='sub'>Written by gradguard.</p></body></html>")
+    return "".join(out)
+
+
+def write_report(runs: str | os.PathLike | Sequence[str | os.PathLike], out_path: str | os.PathLike | None = None,
+                 *, names: Sequence[str] | None = None, title: str | None = None,
+                 profile_at: Sequence[int] | None = None) -> str:
+    """Render one or more JSON-lines logs written by ``JsonlSink`` to one HTML file (runs side by
+    side); returns its path. Default output: next to the (first) log, with ``.html``. Raises
+    ``RunLogError`` (one line) for a log that cannot be read."""
+    paths = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
+    if not paths:
+        raise ValueError("write_report needs at least one run")
+    if names is not None and len(names) != len(paths):
+        raise ValueError(f"names must have one entry per run ({len(paths)}), got {list(names)!r}")
+    logs = [read_run(p, names[i] if names else None) for i, p in enumerate(paths)]
+    if out_path is None:
+        out_path = os.path.splitext(logs[0].path)[0] + ".html"
+    out_path = os.fspath(out_path)
+    default_title = "gradguard report: " + " vs ".join(r.name for r in logs)
+    page = render(logs, title or default_title, profile_at)
+    try:
+        with open(out_path, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as exc:
+        raise RunLogError(f"{out_path}: cannot write the report ({exc.strerror or exc})") from None
     return out_path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="a gradguard.jsonl file (or the directory holding it); two or more are shown side by side")
+    parser.add_argument("-o", "--output", help="HTML file to write (default: next to the first run, .html)")
+    parser.add_argument("--name", action="append", dest="names", metavar="NAME",
+                        help="a label per run, in order (default: the file or directory name)")
+    parser.add_argument("--title", help="the page title")
+    parser.add_argument("--profile-steps", metavar="STEPS", type=_int_list,
+                        help="comma-separated optimizer steps for the depth profile (default: first, last, and "
+                             "where findings were established)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        if args.names and len(args.names) != len(args.runs):
+            raise RunLogError(f"--name given {len(args.names)} times for {len(args.runs)} runs")
+        logs = [read_run(p, args.names[i] if args.names else None) for i, p in enumerate(args.runs)]
+        for log in logs:
+            for w in log.warnings:
+                print(f"gradguard: warning: {w}", file=sys.stderr)
+        out = args.output or os.path.splitext(logs[0].path)[0] + ".html"
+        page = render(logs, args.title or "gradguard report: " + " vs ".join(r.name for r in logs), args.profile_steps)
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(page)
+        except OSError as exc:
+            raise RunLogError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
+    except RunLogError as exc:
+        print(f"gradguard: error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradguard.report", description=__doc__.splitlines()[0])
-    parser.add_argument("jsonl", help="the gradguard.jsonl file a JsonlSink wrote")
-    parser.add_argument("-o", "--output", help="HTML file to write (default: next to the input)")
-    args = parser.parse_args(argv)
-    print(write_report(args.jsonl, args.output))
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,9 +31,14 @@ class LogRecord:
     layer_norm: np.ndarray  # this step's per-layer gradient L2 norm (all layers)
     layer_norm_mean: np.ndarray  # window mean per layer (the heatmap's row)
     histograms: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None  # layer -> (counts, edges)
+    # Every optimizer step since the last record (see ``monitor.per_step_record``): lists of equal
+    # length under "step", "global_norm", "clip_threshold", "scale", "nonfinite", "skipped",
+    # "clipped", "spike", "explosion". None when the adapter keeps no trace.
+    per_step: Mapping[str, list] | None = None
+    layer_numel: np.ndarray | None = None  # parameters per layer (gradient RMS = norm / sqrt(numel))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "type": "step",
             "step": self.step,
             "scalars": {k: _num(v) for k, v in self.scalars.items()},
@@ -41,6 +46,11 @@ class LogRecord:
             "layer_norm": [_num(v) for v in self.layer_norm],
             "layer_norm_mean": [_num(v) for v in self.layer_norm_mean],
         }
+        if self.layer_numel is not None:
+            out["layer_numel"] = [int(v) for v in self.layer_numel]
+        if self.per_step is not None:
+            out["per_step"] = {k: list(v) for k, v in self.per_step.items()}
+        return out
 
 
 def _num(v: Any) -> float | None:
@@ -65,20 +75,77 @@ class JsonlSink(Sink):
     """``path``: a ``.jsonl`` file, or a directory to write ``gradguard.jsonl`` into.
 
     One JSON object per line: ``{"type": "step", ...}`` per log step and
-    ``{"type": "finding", "new": bool, ...}`` per new or updated finding. ``gradguard.report``
-    turns the file into an HTML report."""
+    ``{"type": "finding", "new": bool, ...}`` per new or updated finding. ``gradguard report`` (or
+    ``python -m gradguard.report``) turns the file into an HTML report.
+
+    A log must not vanish silently: before each write the sink checks that its file is still the one
+    at ``path`` (one ``stat``). When the file or its directory was deleted or replaced mid-run, it
+    warns once, writes everything it had written so far (read back from its still-open file) to a
+    new file at ``path``, or next to it when another file took its place, and goes on there."""
 
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
+        if not path:
+            raise ValueError("sinks='' is not a path: give a directory or a .jsonl file, or sinks=None for no log")
         if not path.endswith(".jsonl"):  # a directory: the file goes inside it
             path = os.path.join(path, "gradguard.jsonl")
+        try:
+            self._file = self._open(path)
+        except OSError as exc:
+            raise ValueError(f"sinks={os.fspath(path)!r}: cannot write the gradguard log there "
+                             f"({exc.strerror or exc})") from exc
+        self.path = path
+        self._warned_lost = False
+
+    @staticmethod
+    def _open(path: str):
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "is a directory", path)
+        return open(path, "a+", encoding="utf-8")  # a+: what was written can be read back to recover
+
+    def _still_there(self) -> bool:
+        try:
+            here, ours = os.stat(self.path), os.fstat(self._file.fileno())
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def _recover(self) -> None:
+        """The file at ``path`` is gone or is another file: write what we had to a new one."""
+        self._file.flush()
+        self._file.seek(0)
+        written = self._file.read()
+        target = self.path
+        if os.path.exists(target):  # someone else's file took its place: do not write into it
+            stem, n = self.path[: -len(".jsonl")], 1
+            while os.path.exists(f"{stem}.recovered-{n}.jsonl"):
+                n += 1
+            target = f"{stem}.recovered-{n}.jsonl"
+        try:
+            new = self._open(target)
+            new.write(written)
+            new.flush()
+        except OSError as exc:
+            if not self._warned_lost:
+                self._warned_lost = True
+                warnings.warn(f"gradguard: the log {self.path} was deleted or replaced while the run was writing it, "
+                              f"and it cannot be written again ({exc.strerror or exc}): the log is lost from here on; "
+                              "training continues", RuntimeWarning, stacklevel=4)
+            return
+        old, self._file, self.path = self._file, new, target
+        old.close()
+        if not self._warned_lost:
+            self._warned_lost = True
+            warnings.warn(f"gradguard: the log was deleted or replaced while the run was writing it; gradguard wrote "
+                          f"it again ({written.count(chr(10))} records) to {target} and goes on there",
+                          RuntimeWarning, stacklevel=4)
 
     def _write(self, obj: Mapping[str, Any]) -> None:
+        if not self._still_there():
+            self._recover()
         self._file.write(json.dumps(obj, allow_nan=False) + "\n")
         self._file.flush()
 
@@ -140,7 +207,8 @@ class SinkSet:
 
 def make_sinks(sinks: Any) -> list[Sink]:
     """``sinks=`` accepts None (no sinks), a directory or ``.jsonl`` path (JSON-lines file), a Sink,
-    or a list of those."""
+    or a list of those. Paths are opened here, in the constructor that takes ``sinks=``: an empty or
+    unwritable path raises a ``ValueError`` naming ``sinks``."""
     if sinks is None:
         return []
     if isinstance(sinks, (str, os.PathLike)):

@@ -87,11 +87,26 @@ def window_keys() -> tuple[str, ...]:
     return _WINDOW_KEYS
 
 
-def init_state(n_layers: int, policy: ClipPolicy) -> dict[str, np.ndarray]:
-    """The whole device state as float32 numpy values; adapters move it to their device."""
+# The per-step trace: the last TRACE_SIZE optimizer steps, one row each, oldest first (a shift
+# register: one concat of a (R, 4) array per step, so every step reaches the timeline without a
+# host read; the rows come to the host with the window on log steps). Not part of the window: it
+# is never reset, the window's step count says which rows are the window's.
+TRACE_NORM, TRACE_THRESHOLD, TRACE_SCALE, TRACE_FLAGS = range(4)  # columns
+FLAG_NONFINITE, FLAG_CLIPPED, FLAG_SPIKE, FLAG_EXPLOSION = 1, 2, 4, 8  # bits of the flags column
+TRACE_SIZE = 256
+
+
+def init_state(n_layers: int, policy: ClipPolicy, trace_size: int = TRACE_SIZE) -> dict[str, np.ndarray]:
+    """The whole device state as float32 numpy values; adapters move it to their device.
+    ``trace_size``: optimizer steps kept in the per-step trace (at least the log interval, so no
+    step between two log steps is lost; 0 turns the trace off)."""
     if n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers!r}")
+    if isinstance(trace_size, bool) or not isinstance(trace_size, (int, np.integer)) or trace_size < 0:
+        raise ValueError(f"trace_size must be an int >= 0, got {trace_size!r}")
     state = reset_window(n_layers)
+    if trace_size:
+        state["trace"] = np.zeros((int(trace_size), 4), np.float32)  # rows are read only once written
     state.update({"trk_count": np.float32(0), "trk_mean": np.float32(0), "trk_var": np.float32(0),
                   "trk_prev": np.float32(0), "trk_run": np.float32(0), "trk_run_spike": np.float32(0),
                   "trk_since_spike": np.float32(1e9),
@@ -191,6 +206,10 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     s["acc_max_jump"] = xp.maximum(s["acc_max_jump"], jump)
     s["acc_scale_min"] = xp.minimum(s["acc_scale_min"], scale)
     s["acc_steps"] = index + 1.0
+    if "trace" in s:  # (states saved before the trace existed have none)
+        flags = (1.0 - finite) * FLAG_NONFINITE + clip * FLAG_CLIPPED + spike * FLAG_SPIKE + explosion * FLAG_EXPLOSION
+        row = xp.stack([norms[-1], s["threshold"], scale, flags])
+        s["trace"] = xp.concat([s["trace"][1:], row[None]])
     return scale, finite, s
 
 
@@ -229,6 +248,11 @@ class WindowStats:
     tracker_level: float  # exp of the tracker's log level
     threshold: float  # the clip threshold in force (inf when not clipping)
     policy_state: dict[str, float]
+    # Every optimizer step of the window (the last ``trace_size`` of them when the window is
+    # longer), oldest first: rows of (raw global norm, clip threshold in force, scale applied,
+    # flags: FLAG_* bits). ``trace_first_step`` is the optimizer step of the first row.
+    trace: np.ndarray | None = None
+    trace_first_step: int | None = None
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], last_step: int) -> "WindowStats":
@@ -246,7 +270,14 @@ class WindowStats:
         def per_layer(values):
             return np.where(lsteps > 0, values, np.nan)
 
+        trace = trace_first = None
+        if "trace" in st and steps > 0:
+            kept = min(steps, len(st["trace"]))
+            trace = st["trace"][len(st["trace"]) - kept:].copy()
+            trace_first = last_step - kept + 1
         return cls(
+            trace=trace,
+            trace_first_step=trace_first,
             first_step=first,
             last_step=last_step,
             steps=steps,

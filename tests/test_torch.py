@@ -1,5 +1,6 @@
 """gradguard.torch on real PyTorch training runs (scikit-learn digits, CPU)."""
 
+import copy
 import json
 import math
 import warnings
@@ -228,12 +229,17 @@ def host_reads(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("skip_nonfinite, per_step", [(False, 0), (True, 1)])
-def test_no_host_sync_on_steps_that_do_not_log(host_reads, skip_nonfinite, per_step):
+@pytest.mark.parametrize("skip_nonfinite, fused, per_step", [(False, False, 0), (True, False, 1), (True, True, 0)])
+def test_no_host_sync_on_steps_that_do_not_log(host_reads, skip_nonfinite, fused, per_step):
+    """The accelerator path (forced on this CPU): nothing leaves the device on a non-log step, except
+    the one gate read when skipping with an optimizer that cannot take a device-side found_inf;
+    a fused optimizer gets the verdict on the device and the step costs no read at all."""
     torch.manual_seed(0)
     model = ConvNet(depth=2)
     guard = GradGuard(model, clip="auto", skip_nonfinite=skip_nonfinite, log_every_n_steps=1000)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard.engine.host_reads_free = False  # as on a GPU
+    opt = (torch.optim.Adam(model.parameters(), lr=1e-3, fused=True) if fused
+           else torch.optim.SGD(model.parameters(), lr=0.01))
     x, y = digits(32)
 
     def backward():
@@ -242,17 +248,92 @@ def test_no_host_sync_on_steps_that_do_not_log(host_reads, skip_nonfinite, per_s
 
     backward()
     guard.step(opt)  # the first step fixes the layout
+    assert guard.engine.step_path == "eager"
     syncs, reads = 0, 0
     for _ in range(20):
         backward()
         with CountSyncs() as mode:
             before = host_reads["n"]
-            guard.engine.before_step()
+            assert guard.engine.before_step(opt)
+            reads += host_reads["n"] - before
+        syncs += mode.count
+        opt.step()  # the optimizer's own work is not ours to count
+        with CountSyncs() as mode:
+            before = host_reads["n"]
             guard.engine.after_step()
             reads += host_reads["n"] - before
         syncs += mode.count
-        opt.step()
     assert syncs == 20 * per_step and reads == 20 * per_step
+    assert guard.engine.gate == ("optimizer" if fused else "host read" if skip_nonfinite else "none")
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")  # handed back after each step
+
+
+def test_on_a_cpu_device_the_verdict_is_read_for_free(host_reads):
+    """A CPU device runs the bookkeeping in numpy: no torch sync, one zero-copy view of the layer norms."""
+    torch.manual_seed(0)
+    model = ConvNet(depth=2)
+    guard = GradGuard(model, log_every_n_steps=1000)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = digits(32)
+    for step in range(6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with CountSyncs() as mode:
+            before = host_reads["n"]
+            guard.step(opt)
+            reads = host_reads["n"] - before
+        if step > 0:
+            assert mode.count == 0 and reads == 1
+    assert guard.engine.step_path == "numpy (cpu)" and guard.engine.gate == "host read (cpu)"
+
+
+@pytest.mark.parametrize("attach", [False, True])
+def test_a_fused_optimizer_skips_a_nonfinite_step_on_the_device(attach):
+    """The sync-free gate: a NaN step leaves weights, Adam's moments and step count and BatchNorm's
+    running statistics exactly as they were; a clipping step's factor reaches the fused kernel."""
+    torch.manual_seed(0)
+    model = ConvNet(depth=2)
+    guard = GradGuard(model, clip=0.5, log_every_n_steps=1000)
+    guard.engine.host_reads_free = False  # as on a GPU
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    if attach:
+        guard.attach(opt)
+    x, y = digits(64)
+
+    def step(xb):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), y[:32]).backward()
+        return opt.step() if attach else guard.step(opt)
+
+    for _ in range(3):
+        step(x[:32])
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    poisoned = x[32:64].clone()
+    poisoned[3, 5] = float("nan")
+    step(poisoned)
+    assert guard.engine.gate == "optimizer"
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, moments[id(p)][k]), (n, k)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    # a healthy step goes on, clipped inside the fused kernel: the same weights as clipping by hand
+    twin = ConvNet(depth=2)
+    twin.load_state_dict(model.state_dict())
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3, fused=True)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict would share the moments)
+    step(x[:32])
+    twin_opt.zero_grad()
+    nn.functional.cross_entropy(twin(x[:32]), y[:32]).backward()
+    nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    twin_opt.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    assert all(int(opt.state[p]["step"]) == 4 for p in model.parameters())
+    assert guard.skipped_steps == 1 and guard.totals["nonfinite"] == 1 and guard.totals["clipped"] >= 4
 
 
 # ------------------------------------------------------------------------------- state, sinks, arguments

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import time
 import warnings
 
 import pytest
@@ -550,3 +551,32 @@ def test_hidden_tanh_with_large_init_saturates():
     assert set(s.layers) <= {"1", "3"}  # the hidden nn.Tanh modules, named as in named_modules()
     assert all(s.evidence["saturated_fraction"][n] > 0.5 for n in s.layers)
     assert any("ReLU" in r for r in s.remedies)
+
+
+def test_the_compiled_bookkeeping_matches_the_eager_one_and_never_blocks_a_step():
+    """TorchStep compiles stats.device_step in a background thread; steps go on eagerly meanwhile,
+    then run compiled with the same numbers (or stay eager, saying so, where no compiler works)."""
+    from gradguard import stats
+    from gradguard.torch import _fused
+
+    policy = gradguard.options.Options.of("GradGuard", {"clip": "zscore"}).policy
+    init = stats.init_state(5, policy, trace_size=8)
+    compiled = _fused.TorchStep(init, policy, gradguard.TrackerConfig(), torch.device("cpu"), compile_after=2)
+    eager = _fused.TorchStep(init, policy, gradguard.TrackerConfig(), torch.device("cpu"), compile_after=None)
+    has = torch.ones(5)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(40):
+        layer_sq = torch.rand(5, generator=gen) * (100.0 if i == 30 else 1.0)
+        start = time.perf_counter()
+        out = compiled(layer_sq, has)
+        if i == 2:  # this step started the compile and did not wait for it
+            returned = time.perf_counter() - start
+            assert compiled.path in ("eager (compiling)", "compiled")
+            assert compiled.wait_compiled(timeout=600) in ("compiled", "eager")
+            if compiled.path == "compiled":
+                assert returned < (time.perf_counter() - start) / 2
+        for a, b in zip(out, eager(layer_sq, has)):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k, v in eager.state.items():
+        assert torch.allclose(compiled.state[k], v, rtol=1e-5, atol=1e-6, equal_nan=True), k
+    assert eager.path == "eager"

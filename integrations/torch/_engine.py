@@ -55,9 +55,11 @@ class _Built:
         # which parameters had a gradient at the last step, and the index tensors that follow from it
         self.present: tuple[bool, ...] | None = None
         self.idx_t = self.present_idx_t = self.has_t = None
+        self.plain_grads: bool | None = None  # dense, real, one device, no DTensor: the fast path
 
     def set_present(self, present: tuple[bool, ...]) -> None:
         self.present = present
+        self.plain_grads = None
         idx = [self.layout.param_layer[i] for i, ok in enumerate(present) if ok]
         self.idx_t = torch.tensor(idx, device=self.device, dtype=torch.long)
         self.present_idx_t = torch.tensor([i for i, ok in enumerate(present) if ok], device=self.device,
@@ -244,6 +246,13 @@ class TorchEngine:
         return [g for g in grads if g is not None]
 
     def _layer_sq(self, b: _Built, grads) -> torch.Tensor:
+        if b.plain_grads is None:  # checked once per set of gradients (these facts follow the parameters)
+            b.plain_grads = all(type(g) is torch.Tensor and not g.is_complex() and not g.is_sparse
+                                and g.device == b.device for g in grads)
+        if b.plain_grads:  # the common case, without a Python pass over the tensors' attributes
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            sq = b.sharding.share(torch.stack(norms).square(), b.present_idx_t)
+            return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
         grads = [real_view(local(g)) for g in grads]
         dense = all(not g.is_sparse for g in grads)
         if dense and all(g.device == b.device for g in grads):

@@ -19,7 +19,6 @@ import os
 import sys
 import tempfile
 import uuid
-import warnings
 import weakref
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 
 from gradguard import clipping
 from gradguard.findings import Finding
+from gradguard.monitor import warn_user
 from gradguard.options import Options
 from gradguard.sinks import LogRecord, Sink, make_sinks
 from gradguard.torch import TorchEngine
@@ -273,17 +273,17 @@ class GradGuardCallback(*_callback_bases()):
         if self.trainer_clips:
             algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
             if self.clip is not None and rank_zero:
-                warnings.warn(f"gradguard: Trainer(gradient_clip_val={clip_val}) already clips the gradients, so "
-                              f"GradGuardCallback(clip={self.clip!r}) measures only and does not clip a second "
-                              "time. Pass clip=None to silence this, or drop gradient_clip_val to let gradguard "
-                              "clip.", UserWarning, stacklevel=2)
+                warn_user(f"gradguard: Trainer(gradient_clip_val={clip_val}) already clips the gradients, so "
+                          f"GradGuardCallback(clip={self.clip!r}) measures only and does not clip a second "
+                          "time. Pass clip=None to silence this, or drop gradient_clip_val to let gradguard "
+                          "clip.")
             if algorithm == "norm":
                 return _trainer_clips(float(clip_val)), False
             return _trainer_clips_by_value(float(clip_val)), False
         if self.clip is not None and rank_zero and _overrides(pl_module, "configure_gradient_clipping"):
-            warnings.warn(f"gradguard: {type(pl_module).__name__} overrides configure_gradient_clipping. If it "
-                          f"clips, pass GradGuardCallback(clip=None) so the gradients are not clipped twice "
-                          f"(GradGuardCallback clips first, with clip={self.clip!r}).", UserWarning, stacklevel=2)
+            warn_user(f"gradguard: {type(pl_module).__name__} overrides configure_gradient_clipping. If it "
+                      f"clips, pass GradGuardCallback(clip=None) so the gradients are not clipped twice "
+                      f"(GradGuardCallback clips first, with clip={self.clip!r}).")
         return self.clip, True
 
     def _carry_state(self, pl_module: Any) -> dict | None:

@@ -20,7 +20,6 @@ assembly, checkpoint format) is the core's ``gradguard.pipeline``.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import numpy as np

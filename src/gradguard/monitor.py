@@ -38,8 +38,9 @@ class GradGuardWarning(UserWarning):
 
 
 # Frames inside these packages are not the user's: a warning points past them.
-_LIBRARY_PREFIXES = ("gradguard", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "keras",
-                     "tensorflow", "jax", "jaxlib", "transformers", "accelerate", "optree")
+_LIBRARY_PREFIXES = ("gradguard", "torch", "lightning", "pytorch_lightning", "lightning_fabric",
+                     "lightning_utilities", "keras", "tensorflow", "jax", "jaxlib", "transformers", "accelerate",
+                     "optree")
 _GRADGUARD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

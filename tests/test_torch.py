@@ -580,3 +580,27 @@ def test_the_compiled_bookkeeping_matches_the_eager_one_and_never_blocks_a_step(
     for k, v in eager.state.items():
         assert torch.allclose(compiled.state[k], v, rtol=1e-5, atol=1e-6, equal_nan=True), k
     assert eager.path == "eager"
+
+
+@pytest.mark.parametrize("clip", ["auto", "zscore", "percentile", 1.0, None])
+def test_the_cpu_bookkeeping_gives_the_core_numbers_exactly(clip):
+    """NumpyStep's faster namespace: bit-identical to the core's numpy reference, NaN steps included."""
+    import numpy as np
+
+    from gradguard import stats
+    from gradguard.ops import numpy_ops
+    from gradguard.torch._fused import fast_numpy_ops
+
+    policy = gradguard.options.Options.of("GradGuard", {"clip": clip}).policy
+    ref = fast = stats.init_state(7, policy, trace_size=16)
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        sq = (rng.random(7) * (1e4 if i % 37 == 36 else 1.0)).astype(np.float32)
+        if i % 50 == 49:
+            sq[2] = np.nan
+        has = (rng.random(7) > 0.1).astype(np.float32)
+        a, b = stats.device_step(ref, sq, has, policy, numpy_ops), stats.device_step(fast, sq, has, policy, fast_numpy_ops)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        ref, fast = a[2], b[2]
+        for k in ref:
+            assert np.asarray(fast[k]).dtype == np.float32 and np.array_equal(ref[k], fast[k], equal_nan=True), (i, k)

@@ -315,6 +315,8 @@ class TorchEngine:
                 return self._skip(b)
             if verdict == 2 and may_clip:
                 torch._foreach_mul_(grads, scale.to(torch.float32))
+        elif may_clip and not self._log_step and _takes_found_inf(optimizer):
+            self._hand_to(optimizer, None, 1.0 / scale)  # the fused kernel scales: no extra pass
         elif may_clip:  # no host read allowed: scale unconditionally (by 1 while not clipping)
             torch._foreach_mul_(grads, scale.to(torch.float32))
         if self._sums is not None and self.measure_updates:
@@ -327,7 +329,7 @@ class TorchEngine:
         self._norm_stats.restore()
         return False
 
-    def _hand_to(self, optimizer, found_inf: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
+    def _hand_to(self, optimizer, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None) -> None:
         """Set the optimizer's ``found_inf``/``grad_scale`` for this step, combined with a
         GradScaler's own (which sets them before calling step() and deletes them after)."""
         theirs_inf, theirs_scale = getattr(optimizer, "found_inf", None), getattr(optimizer, "grad_scale", None)
@@ -336,7 +338,7 @@ class TorchEngine:
             theirs_scale = None if theirs_scale is self._handed[2] else theirs_scale
         ours = theirs_inf is None and theirs_scale is None
         if theirs_inf is not None:
-            found_inf = torch.maximum(found_inf, theirs_inf.to(found_inf))
+            found_inf = theirs_inf if found_inf is None else torch.maximum(found_inf, theirs_inf.to(found_inf))
         if theirs_scale is not None:
             grad_scale = theirs_scale if grad_scale is None else theirs_scale * grad_scale
         optimizer.found_inf, optimizer.grad_scale = found_inf, grad_scale

@@ -15,7 +15,7 @@
 (c) Whole training steps (forward, backward, Adam): plain, GradGuard at its defaults, and
     ``wandb.watch(log="gradients", log_freq=1)`` in offline mode. Target: defaults within 5%.
 
-    python benchmarks/overhead.py [--quick] [--device cuda] [--skip-sweep] [--skip-train]
+    python benchmarks/overhead.py [--quick] [--device cuda] [--threads N] [--skip-sweep] [--skip-train] [--only NAME]
 """
 
 from __future__ import annotations
@@ -167,6 +167,18 @@ def per_call_costs(model, x, reps, n, fused=False):
     for _ in range(reps):
         for name, fn in variants.items():
             times[name].append(timed_block(fn, n, restore))
+    # the log steps of the monitor-only guard apart: what a log step costs and its amortised share
+    monitor, step_monitor = guards[0], variants["GradGuard(clip=None, skip_nonfinite=False)"]
+    split = {True: [], False: []}
+    for _ in range(2 * 50):
+        sync()
+        t = time.perf_counter()
+        step_monitor()
+        sync()
+        split[monitor.engine._log_step].append(time.perf_counter() - t)
+        restore()
+    times["log step alone"] = [statistics.median(split[True])]
+    times["non-log step alone"] = [statistics.median(split[False])]
     paths = {g.engine.step_path for g in guards}
     gates = {g.engine.gate for g in guards}
     for g in guards:
@@ -180,7 +192,12 @@ def report_per_call(name, costs, paths, gates):
           f"gate: {', '.join(sorted(gates))}")
     print(f"    {'variant':48s} {'us/step':>10s} {'/ monitoring floor':>19s} {'/ clipping floor':>17s}")
     for k, v in costs.items():
-        print(f"    {k:48s} {v * 1e6:10.1f} {v / mon:18.2f}x {v / clip:16.2f}x")
+        if "alone" not in k:
+            print(f"    {k:48s} {v * 1e6:10.1f} {v / mon:18.2f}x {v / clip:16.2f}x")
+    log, plain = costs["log step alone"], costs["non-log step alone"]
+    print(f"    clip=None: a non-log step {plain * 1e6:.1f} us ({plain / mon:.2f}x the floor), a log step "
+          f"{log * 1e6:.1f} us ({log / mon:.1f} floors); log steps' amortised share (1 in 50) "
+          f"{(log - plain) / 50 / mon * 100:.1f}% of the floor")
     print()
 
 
@@ -278,8 +295,12 @@ def main():
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--only", default="", help="substring of the model names to run in (a)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is "
+                        "far steadier on a loaded machine (OpenMP barriers stall when a core is taken)")
     args = parser.parse_args()
     DEVICE = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     reps, n = (3, 50) if args.quick else (7, 100)  # n=100: two log steps per timed block
     torch.set_flush_denormal(True)  # denormal gradients make CPU multiplies ~10x slower and the floors noise
     warnings.simplefilter("ignore")

@@ -26,10 +26,11 @@ def per_layer(built, values: torch.Tensor, reduce: str = "sum", pick: list[int] 
     return built.sharding.reduce(out, reduce).cpu().numpy().astype(np.float64)
 
 
-ZERO_SAMPLE = 1 << 16
-"""Elements per gradient tensor read for its zero count (every ``n // ZERO_SAMPLE``-th one; exact
-for smaller tensors): a fraction, so a strided sample of 65k elements estimates it to ~0.2%, and
-a log step reads no more than a norm pass."""
+ZERO_SAMPLE, ZERO_CHUNK = 1 << 16, 1 << 10
+"""Elements per gradient tensor read for its zero count: ``ZERO_SAMPLE // ZERO_CHUNK`` contiguous
+chunks of ``ZERO_CHUNK`` elements spread evenly over the tensor (exact for smaller tensors). A
+fraction, so 65k elements estimate it to ~0.2%; contiguous chunks keep the count vectorised (a
+strided element-by-element sample is ~10x slower per element on a CPU)."""
 
 
 def _max_abs(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -48,13 +49,19 @@ def _cpu_max_abs(g: torch.Tensor) -> torch.Tensor:
 
 
 def _zero_count(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Per tensor, the number of exactly-zero elements, from a strided sample (``ZERO_SAMPLE``)."""
-    flats = [g.reshape(-1) for g in grads]
-    samples = [f[::max(1, f.numel() // ZERO_SAMPLE)] for f in flats]
-    nonzero = torch.stack([torch.count_nonzero(x).float() for x in samples])
-    sampled = torch.tensor([float(x.numel()) for x in samples], device=device)
-    numel = torch.tensor([float(f.numel()) for f in flats], device=device)
-    return (sampled - nonzero) / sampled.clamp(min=1.0) * numel
+    """Per tensor, the number of exactly-zero elements, from evenly spread chunks (``ZERO_SAMPLE``)."""
+    chunks = ZERO_SAMPLE // ZERO_CHUNK
+    counts, sampled, numel = [], [], []
+    for g in grads:
+        f = g.reshape(-1)
+        n = f.numel()
+        x = f if n <= ZERO_SAMPLE else f[:(n // chunks) * chunks].view(chunks, n // chunks)[:, :ZERO_CHUNK]
+        counts.append(torch.count_nonzero(x))
+        sampled.append(float(x.numel()))
+        numel.append(float(n))
+    nonzero = torch.stack(counts).float()
+    sampled_t = torch.tensor(sampled, device=device)
+    return (sampled_t - nonzero) / sampled_t.clamp(min=1.0) * torch.tensor(numel, device=device)
 
 
 def dead_units(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> np.ndarray:

@@ -9,8 +9,10 @@
   back. The step runs eagerly (about a hundred tiny kernels) until ``torch.compile`` of it is ready:
   compiled in a background thread once ``COMPILE_AFTER`` steps have run, on copies of the state,
   so no step of the user's run waits for the compiler. Where the compiler is missing or fails,
-  the eager step stays. ``path`` says which one runs; the switch is logged at debug level on the
-  ``gradguard`` logger. ``GRADGUARD_COMPILE=0`` keeps the eager step.
+  the eager step stays (and a compiled step that fails later falls back to it). ``path`` says which
+  one runs; the switch is logged at debug level on the ``gradguard`` logger. ``GRADGUARD_COMPILE=0``
+  keeps the eager step. (Dynamo compiles one function at a time: a model of the user's that
+  recompiles while this compile runs waits for it, once.)
 
 Both give the same numbers (the core's tests check numpy == torch for ``device_step``).
 """
@@ -120,7 +122,14 @@ class TorchStep:
                                                 name="gradguard-compile", daemon=True)
                 self._thread.start()
             fn = self._eager
-        scale, finite, self._state = fn(self._state, layer_sq, has_t)
+        try:
+            scale, finite, self._state = fn(self._state, layer_sq, has_t)
+        except Exception as e:  # a compiled step that fails later (a recompile): eager from now on
+            if fn is self._eager:
+                raise
+            log.debug("gradguard: the compiled per-step bookkeeping failed (%s); eager from now on", type(e).__name__)
+            self._compiled, self._compile_after, self.path = None, None, "eager"
+            scale, finite, self._state = self._eager(self._state, layer_sq, has_t)  # (the step is pure)
         return scale, finite
 
     def wait_compiled(self, timeout: float | None = None) -> str:

@@ -72,7 +72,7 @@ class NumpyStep:
         return {k: torch.from_numpy(np.array(v, np.float32)) for k, v in self._state.items()}
 
     def host(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v, np.float32) for k, v in self._state.items()}
+        return {k: np.array(v, np.float32) for k, v in self._state.items()}  # copies: the caller may keep them
 
     def write(self, values: Mapping[str, Any]) -> None:
         for k, v in values.items():

@@ -117,7 +117,9 @@ def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms
 
 class UpdateSample:
     """A sample of each parameter taken before the optimizer runs on a log step (the core's
-    ``sample_plan``), so the update it applies can be measured without a full copy of the weights."""
+    ``sample_plan``), so the update it applies can be measured without a full copy of the weights.
+    Batched: one concatenated sample, one subtract/square and one segment sum for all parameters
+    (a few ops per parameter in all, not a few per parameter each)."""
 
     def __init__(self, built):
         self._built = built
@@ -125,19 +127,27 @@ class UpdateSample:
         with torch.no_grad():
             flats = [real_view(local(p.detach())).reshape(-1) for p in params]
             self._plan = pipeline.sample_plan([f.numel() for f in flats])
-            self._before = [f[::stride].clone() for f, (stride, _) in zip(flats, self._plan)]
+            self._before = self._take(flats)
+            dev = self._before.device
+            counts = torch.tensor([count for _, count in self._plan], device=dev)
+            self._owner = torch.repeat_interleave(torch.arange(len(params), device=dev), counts)
+            # the core's estimate, per parameter: sample_sq * numel / count
+            self._factor = torch.tensor([pipeline.update_sq_from_sample(1.0, f.numel(), count)
+                                         for f, (_, count) in zip(flats, self._plan)], device=dev)
+
+    def _take(self, flats) -> torch.Tensor:
+        dev = self._built.device  # (a model spread over devices: the samples meet on the layout's)
+        return torch.cat([f[::stride].float().to(dev) for f, (stride, _) in zip(flats, self._plan)])
 
     def applied_sq(self) -> np.ndarray:
         """Per layer, the squared norm of the update the optimizer applied since the sample."""
         b = self._built
         with torch.no_grad():
-            sq = []
-            for p, (stride, count), old in zip(b.layout.params, self._plan, self._before):
-                flat = real_view(local(p.detach())).reshape(-1)
-                d = (flat[::stride].float() - old.float()).square().sum()
-                sq.append(pipeline.update_sq_from_sample(d, flat.numel(), count).to(b.device))
+            after = self._take([real_view(local(p.detach())).reshape(-1) for p in b.layout.params])
+            diff_sq = (after - self._before).square()
+            per_param = torch.zeros(len(self._factor), device=diff_sq.device).index_add_(0, self._owner, diff_sq)
+            sq = (per_param * self._factor).to(b.device)
             every = torch.arange(len(b.layout.params), device=b.device)
-            out = torch.zeros(b.n_layers, device=b.device).index_add_(
-                0, b.param_layer_t, b.sharding.share(torch.stack(sq), every))
+            out = torch.zeros(b.n_layers, device=b.device).index_add_(0, b.param_layer_t, b.sharding.share(sq, every))
             b.sharding.reduce(out)
         return out.cpu().numpy().astype(np.float64)

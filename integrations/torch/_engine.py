@@ -295,7 +295,7 @@ class TorchEngine:
         may_clip = self.policy.scales_global and self.clipping_allowed
         if b.step_fn.reads_free:
             # A CPU device: the verdict is already a Python float; multiply by a float, only when clipping.
-            self.gate = "host read (cpu)" if self.skip_nonfinite else "none"
+            self._set_gate("host read (cpu)" if self.skip_nonfinite else "none")
             if self.skip_nonfinite and finite == 0.0:
                 return self._skip(b)
             if may_clip and scale < 1.0:
@@ -303,13 +303,13 @@ class TorchEngine:
         elif self.skip_nonfinite and not self._log_step and _takes_found_inf(optimizer):
             # The fused optimizer skips a non-finite step itself and folds the clip factor into its
             # kernel (it divides by grad_scale): no host read, no extra pass over the gradients.
-            self.gate = "optimizer"
+            self._set_gate("optimizer")
             self._hand_to(optimizer, 1.0 - finite, 1.0 / scale if may_clip else None)
             self._norm_stats.restore_where(finite)
         elif self.skip_nonfinite:
             # The one host read of a non-log step (GradScaler's gate): 0 = non-finite, 1 = finite,
             # 2 = finite and to be clipped; so the clipping pass runs only when it changes something.
-            self.gate = "host read"
+            self._set_gate("host read")
             verdict = int(finite * (1.0 + (scale < 1.0).float()))
             if verdict == 0:
                 return self._skip(b)
@@ -322,6 +322,11 @@ class TorchEngine:
         if self._sums is not None and self.measure_updates:
             self._update = _snapshots.UpdateSample(b)
         return True
+
+    def _set_gate(self, gate: str) -> None:
+        if gate != self.gate:
+            logging.getLogger("gradguard").debug("gradguard: non-finite gate: %s (was %s)", gate, self.gate)
+            self.gate = gate
 
     def _skip(self, b: _Built) -> bool:
         for p in b.layout.params:

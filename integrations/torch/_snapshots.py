@@ -65,8 +65,13 @@ def _zero_count(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor
 
 
 def dead_units(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> np.ndarray:
-    """``pipeline.DEAD_UNIT_RULE``: units whose whole weight-row gradient is exactly zero; a non-zero
-    bias gradient already proves a unit alive, so only the other rows are read."""
+    """``pipeline.DEAD_UNIT_RULE`` for one layer (see ``unit_row_max``)."""
+    return pipeline.dead_units(unit_row_max(weight_grad, bias_grad).cpu().numpy())
+
+
+def unit_row_max(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> torch.Tensor:
+    """Per unit, max |g| over its weight row, on the device: the rule's input. A non-zero bias
+    gradient already proves a unit alive (1.0 here), so only the other rows are read."""
     rows = weight_grad.flatten(1)
     suspect = torch.arange(rows.shape[0], device=rows.device)
     if bias_grad is not None:
@@ -74,7 +79,7 @@ def dead_units(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> np.
     row_max = torch.ones(rows.shape[0], device=rows.device)
     if suspect.numel():
         row_max[suspect] = rows[suspect].abs().amax(dim=1).float()
-    return pipeline.dead_units(row_max.cpu().numpy())
+    return row_max
 
 
 def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms: bool) -> pipeline.LayerSums:
@@ -99,9 +104,16 @@ def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms
         weight_sq = per_layer(built, w_sq)
         dead = [None] * L
         if not built.sharding.active:  # units are split across ranks when sharded
+            owners, row_max = [], []
             for i, (weight, bias) in built.layout.unit_param.items():
                 if weight.grad is not None:
-                    dead[i] = dead_units(weight.grad.detach(), None if bias is None else bias.grad)
+                    owners.append(i)
+                    row_max.append(unit_row_max(weight.grad.detach(), None if bias is None else bias.grad))
+            if owners:  # one copy to the host for every layer
+                flat = torch.cat([r.to(built.device) for r in row_max]).cpu().numpy()
+                bounds = np.cumsum([0] + [r.numel() for r in row_max])
+                for i, a, z in zip(owners, bounds[:-1], bounds[1:]):
+                    dead[i] = pipeline.dead_units(flat[a:z])
         hist = None
         if histograms:
             hist = {}

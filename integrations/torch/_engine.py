@@ -239,10 +239,10 @@ class TorchEngine:
 
     def _grads(self, b: _Built) -> list[torch.Tensor]:
         grads = [p.grad for p in b.layout.params]
-        present = tuple(g is not None for g in grads)
+        present = tuple([g is not None for g in grads])
         if present != b.present:
             b.set_present(present)
-        return [g for g in grads if g is not None]
+        return grads if all(present) else [g for g in grads if g is not None]
 
     def _layer_sq(self, b: _Built, grads) -> torch.Tensor:
         if b.plain_grads is None:  # checked once per set of gradients (these facts follow the parameters)
@@ -277,7 +277,7 @@ class TorchEngine:
                                "hooked twice into one optimizer step (attach() plus guard.step(), or two "
                                "attach() calls on different optimizers)")
         b = self._built or self._build()
-        if b.layout.trainable != trainable_key(self._all_params):
+        if b.layout.trainable != tuple([p.requires_grad for p in self._all_params]):  # (= trainable_key, faster)
             self._rebuild_if_trainable_changed()
             b = self._built
         self._in_step = True

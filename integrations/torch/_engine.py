@@ -120,6 +120,7 @@ class TorchEngine:
         # False forces the accelerator path (no host read), e.g. to test it on a CPU.
         self.host_reads_free: bool | None = None
         self.gate = "host read" if self.skip_nonfinite else "none"  # how the last step was gated
+        self._gates_logged: set[str] = set()
         self._handed: tuple | None = None  # (optimizer, found_inf, grad_scale, set by us) during a step
 
     # ------------------------------------------------------------------ results
@@ -324,9 +325,10 @@ class TorchEngine:
         return True
 
     def _set_gate(self, gate: str) -> None:
-        if gate != self.gate:
-            logging.getLogger("gradguard").debug("gradguard: non-finite gate: %s (was %s)", gate, self.gate)
-            self.gate = gate
+        if gate not in self._gates_logged:  # (log steps read the host even with a fused optimizer: once each)
+            self._gates_logged.add(gate)
+            logging.getLogger("gradguard").debug("gradguard: non-finite gate: %s", gate)
+        self.gate = gate
 
     def _skip(self, b: _Built) -> bool:
         for p in b.layout.params:

@@ -605,3 +605,36 @@ def test_the_cpu_bookkeeping_gives_the_core_numbers_exactly(clip):
         ref, fast = a[2], b[2]
         for k in ref:
             assert np.asarray(fast[k]).dtype == np.float32 and np.array_equal(ref[k], fast[k], equal_nan=True), (i, k)
+
+
+def test_the_accelerator_path_trains_exactly_like_the_cpu_path(monkeypatch):
+    """Forced on this CPU: torch bookkeeping and the fused optimizer's device-side gate against numpy
+    bookkeeping and the host gate, through two poisoned batches and log steps: the same weights, the
+    same skips and findings."""
+    monkeypatch.setenv("GRADGUARD_COMPILE", "0")
+
+    def run(accelerator):
+        torch.manual_seed(0)
+        model = ConvNet(depth=2)
+        guard = GradGuard(model, log_every_n_steps=10)
+        if accelerator:
+            guard.engine.host_reads_free = False
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        x, y = digits(256)
+        gates = set()
+        for step in range(40):
+            xb, yb = x[(step % 8) * 32:(step % 8 + 1) * 32].clone(), y[(step % 8) * 32:(step % 8 + 1) * 32]
+            if step in (15, 27):
+                xb[0, 0] = float("nan")
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            guard.step(opt)
+            gates.add(guard.engine.gate)
+        found = [(f.kind, f.step) for f in guard.findings]
+        return [p.detach().clone() for p in model.parameters()], guard.totals, found, gates, guard.engine.step_path
+
+    fast, cpu = run(True), run(False)
+    assert fast[3] == {"optimizer", "host read"} and fast[4] == "eager"
+    assert cpu[3] == {"host read (cpu)"} and cpu[4] == "numpy (cpu)"
+    assert all(torch.equal(p, q) for p, q in zip(fast[0], cpu[0]))
+    assert fast[1] == cpu[1] and fast[1]["skipped"] == 2 and fast[2] == cpu[2] == [("nonfinite", 15)]

@@ -2,6 +2,7 @@
 
     python benchmarks/keras_overhead.py                 # all three backends, one after the other
     python benchmarks/keras_overhead.py --backends jax --reps 7
+    python benchmarks/keras_overhead.py --quick         # a smoke run: 2 repetitions of 3 short epochs
 
 Each backend runs in its own process (Keras fixes the backend at import). Inside it the
 configurations are measured side by side, interleaved: for each repetition, one ``fit`` of
@@ -159,8 +160,11 @@ def main():
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="framework threads (0: its default)")
     parser.add_argument("--json", default="", help="also write the raw results here")
+    parser.add_argument("--quick", action="store_true", help="2 repetitions of 3 epochs of 20 steps")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.reps, args.epochs, args.steps = 2, 3, 20
     if args.child:
         print("RESULT " + json.dumps(run_backend(args)), flush=True)
         return
@@ -201,6 +205,13 @@ def main():
     print(f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>15}" for c in CONFIGS))
     for r in results:
         print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{r['paired_ratio'][c]:>15.3f}" for c in CONFIGS))
+    print()
+    print("target (issue 9): GradGuardCallback() at most 3% over plain fit (paired wall-clock ratio)")
+    for r in results:
+        ratio = r["paired_ratio"]["gradguard"]
+        print(f"{r['backend']:<11} gradguard {ratio:.3f}x plain: {'met' if ratio <= 1.03 else 'NOT met'}; "
+              f"monitor_only {r['paired_ratio']['monitor_only']:.3f}x; an empty batch callback alone "
+              f"{r['paired_ratio']['noop_batch_cb']:.3f}x")
     print()
     print("load average during the run: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     with open(args.json, "w") if args.json else open(os.devnull, "w") as f:

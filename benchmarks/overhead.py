@@ -1,19 +1,27 @@
 """What gradguard costs per step, measured side by side in one process, interleaved.
 
-(a) One ``guard.step`` on fixed gradients (a no-op optimizer) against the floors:
-    ``torch._foreach_norm`` over the gradients (one read of gradient memory: the floor for monitoring)
-    and ``clip_grad_norm_(foreach=True)`` (the floor for monitoring plus clipping).
-    Targets: ``clip=None, skip_nonfinite=False`` within 1.1x of the monitoring floor, the defaults
-    within 1.1x of the clipping floor, logging steps included (amortised over log_every_n_steps=50).
-(b) Whole training steps (forward, backward, Adam): plain, GradGuard at its defaults, and
-    ``wandb.watch(log="gradients", log_freq=1)`` in offline mode.
+(a) One ``guard.step`` on fixed gradients (an optimizer that does nothing) against the floors:
+    monitoring floor  ``torch._foreach_norm`` over the gradients (one read of gradient memory)
+    clipping floor    ``torch._foreach_norm``, then ``torch._foreach_mul_`` by a Python float (one
+                      read, one read-write)
+    Targets (issue 9): ``clip=None, skip_nonfinite=False`` <= 1.1x the monitoring floor; the
+    defaults (``clip="auto"``, skip on) <= 1.15x the monitoring floor on a healthy run; a policy
+    that clips every step (``clip=<float below the norm>``) <= 1.1x the clipping floor. Log steps
+    are included, amortised (every 50th step logs; a block of 100 calls holds 2).
+    Every call starts from the same gradients: they are copied back between calls, untimed, so a
+    clipping call clips every time.
+(b) Cost against the number of parameter tensors (10..2000) at a fixed total size: the fixed,
+    per-tensor and per-element parts of the cost, fitted by least squares.
+(c) Whole training steps (forward, backward, Adam): plain, GradGuard at its defaults, and
+    ``wandb.watch(log="gradients", log_freq=1)`` in offline mode. Target: defaults within 5%.
 
-    python benchmarks/overhead.py [--quick]
+    python benchmarks/overhead.py [--quick] [--device cuda] [--threads N] [--skip-sweep] [--skip-train] [--only NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -21,15 +29,64 @@ import tempfile
 import time
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
 from gradguard.torch import GradGuard
 
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
 
 class NoOpOptimizer:
+    """Does nothing; ``fused=True`` stands for a fused optimizer (takes a device-side found_inf)."""
+
+    def __init__(self, fused: bool = False):
+        self._step_supports_amp_scaling = fused
+
     def step(self):
         pass
+
+
+class Block(nn.Module):
+    """A pre-norm GPT block: 4 attention projections, a 4x MLP, two LayerNorms (16 tensors)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.ln1(x)
+        q, k, v = (m(h).view(b, t, self.heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(nn.functional.gelu(self.up(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab=512, d=256, depth=24, heads=4):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Embedding(128, d)
+        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(depth)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.head(self.ln(self.blocks(x)))
+
+
+def describe(name, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return f"{name} ({sum(p.numel() for p in params) / 1e6:.1f}M params, {len(params)} tensors)"
 
 
 def models():
@@ -38,14 +95,17 @@ def models():
     layer = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
     deep = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
     big = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(2048, 2048), nn.ReLU())], nn.Linear(2048, 10))
-    return {"mlp 8x1024 (8.4M params, 18 tensors)": (wide, lambda: torch.randn(64, 1024)),
-            "transformer 12x256 (9.5M params, 144 tensors)": (deep, lambda: torch.randn(16, 32, 256)),
-            "mlp 8x2048 (33.6M params, 18 tensors)": (big, lambda: torch.randn(64, 2048))}
+    gpt = TinyGPT()
+    d = DEVICE
+    return {describe("mlp 8x1024", wide): (wide, lambda: torch.randn(64, 1024, device=d)),
+            describe("transformer 12x256", deep): (deep, lambda: torch.randn(16, 32, 256, device=d)),
+            describe("mlp 8x2048", big): (big, lambda: torch.randn(64, 2048, device=d)),
+            describe("LLM-like: GPT 24x256", gpt): (gpt, lambda: torch.randint(0, 512, (8, 64), device=d))}
 
 
 def loss_of(output):
     flat = output.float().reshape(-1, output.shape[-1])
-    target = torch.arange(flat.shape[0]) % flat.shape[-1]
+    target = torch.arange(flat.shape[0], device=flat.device) % flat.shape[-1]
     return nn.functional.cross_entropy(flat, target)
 
 
@@ -54,60 +114,164 @@ def fill_grads(model, x):
     loss_of(model(x)).backward()
 
 
-def time_calls(fn, n):
-    t = time.perf_counter()
+def timed_block(fn, n, restore):
+    """Seconds per call over ``n`` calls; ``restore`` (untimed) runs between calls."""
+    total = 0.0
     for _ in range(n):
+        sync()
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / n
+        sync()
+        total += time.perf_counter() - t
+        restore()
+    return total / n
 
 
-def per_call_costs(model, x, reps, n):
-    fill_grads(model, x)
-    params = [p for p in model.parameters()]
-    grads = [p.grad for p in params]
-    saved = [g.clone() for g in grads]
+def guard_variants(model, params, grads, fused):
+    """The per-call variants on a model whose gradients are filled."""
+    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+    noop = NoOpOptimizer(fused=fused)
     monitor = GradGuard(model, clip=None, skip_nonfinite=False, log_every_n_steps=50)
     defaults = GradGuard(model)
-    noop = NoOpOptimizer()
+    clipper = GradGuard(model, clip=norm / 2)  # clips every call
 
-    def restore():  # clipping scales the gradients in place; keep them identical for every variant
-        torch._foreach_copy_(grads, saved)
+    def clip_floor():
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, min(1.0, norm / 2 / (float(total) + 1e-6)))
 
-    variants = {
+    return {
         "floor: _foreach_norm": lambda: torch._foreach_norm(grads),
-        "floor: clip_grad_norm_(foreach)": lambda: nn.utils.clip_grad_norm_(params, 1e9, foreach=True),
+        "floor: _foreach_norm + _foreach_mul_(float)": clip_floor,
+        "ref: clip_grad_norm_(foreach=True)": lambda: nn.utils.clip_grad_norm_(params, norm / 2, foreach=True),
         "GradGuard(clip=None, skip_nonfinite=False)": lambda: monitor.step(noop),
         "GradGuard() defaults": lambda: defaults.step(noop),
-    }
-    for fn in variants.values():  # warm-up, and the guards fix their layout
-        fn()
-        restore()
+        f"GradGuard(clip={norm / 2:.3g}) clips every step": lambda: clipper.step(noop),
+    }, (monitor, defaults, clipper)
+
+
+def per_call_costs(model, x, reps, n, fused=False):
+    fill_grads(model, x)
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    saved = [g.clone() for g in grads]
+
+    def restore():
+        torch._foreach_copy_(grads, saved)
+
+    variants, guards = guard_variants(model, params, grads, fused)
+    for fn in variants.values():  # warm-up; the guards fix their layout
+        for _ in range(3):
+            fn()
+            restore()
     times = {k: [] for k in variants}
     for _ in range(reps):
         for name, fn in variants.items():
-            times[name].append(time_calls(fn, n))
-            restore()
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[name].append(timed_block(fn, n, restore))
+    # the log steps of the monitor-only guard apart: what a log step costs and its amortised share
+    monitor, step_monitor = guards[0], variants["GradGuard(clip=None, skip_nonfinite=False)"]
+    split = {True: [], False: []}
+    for _ in range(2 * 50):
+        sync()
+        t = time.perf_counter()
+        step_monitor()
+        sync()
+        split[monitor.engine._log_step].append(time.perf_counter() - t)
+        restore()
+    times["log step alone"] = [statistics.median(split[True])]
+    times["non-log step alone"] = [statistics.median(split[False])]
+    paths = {g.engine.step_path for g in guards}
+    gates = {g.engine.gate for g in guards}
+    for g in guards:
+        g.close()
+    return {k: statistics.median(v) for k, v in times.items()}, paths, gates
 
 
-def training_costs(model_fn, x_fn, reps, n):
+def report_per_call(name, costs, paths, gates):
+    mon, clip = costs["floor: _foreach_norm"], costs["floor: _foreach_norm + _foreach_mul_(float)"]
+    print(f"(a) per-step cost on fixed gradients, {name}; bookkeeping: {', '.join(sorted(paths))}; "
+          f"gate: {', '.join(sorted(gates))}")
+    print(f"    {'variant':48s} {'us/step':>10s} {'/ monitoring floor':>19s} {'/ clipping floor':>17s}")
+    for k, v in costs.items():
+        if "alone" not in k:
+            print(f"    {k:48s} {v * 1e6:10.1f} {v / mon:18.2f}x {v / clip:16.2f}x")
+    log, plain = costs["log step alone"], costs["non-log step alone"]
+    print(f"    clip=None: a non-log step {plain * 1e6:.1f} us ({plain / mon:.2f}x the floor), a log step "
+          f"{log * 1e6:.1f} us ({log / mon:.1f} floors); log steps' amortised share (1 in 50) "
+          f"{(log - plain) / 50 / mon * 100:.1f}% of the floor")
+    print()
+
+
+def sweep(reps, n, total=4_000_000, counts=(10, 30, 100, 300, 1000, 2000)):
+    """Cost against the number of tensors at a fixed total size, and at two sizes for 100 tensors."""
+    rows = []
+    shapes = [(c, total) for c in counts] + [(100, total // 4), (100, total * 2)]
+    for count, size in shapes:
+        k = max(1, int(round((size / count) ** 0.5)))
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(k, k, bias=False) for _ in range(count)]).to(DEVICE)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        grads = [p.grad for p in model.parameters()]
+        saved = [g.clone() for g in grads]
+
+        def restore():
+            torch._foreach_copy_(grads, saved)
+
+        monitor = GradGuard(model, clip=None, skip_nonfinite=False, log_every_n_steps=50)
+        defaults = GradGuard(model)
+        noop = NoOpOptimizer()
+        variants = {"floor": lambda: torch._foreach_norm(grads), "monitor": lambda: monitor.step(noop),
+                    "defaults": lambda: defaults.step(noop)}
+        for fn in variants.values():
+            for _ in range(3):
+                fn()
+                restore()
+        times = {kk: [] for kk in variants}
+        for _ in range(reps):
+            for kk, fn in variants.items():
+                times[kk].append(timed_block(fn, n, restore))
+        med = {kk: statistics.median(v) for kk, v in times.items()}
+        rows.append((count, count * k * k, med))
+        monitor.close()
+        defaults.close()
+    print(f"(b) cost against the number of parameter tensors (square weights, ~{total / 1e6:.0f}M elements; "
+          "two extra rows vary the size at 100 tensors)")
+    print(f"    {'tensors':>8s} {'elements':>10s} {'floor us':>10s} {'clip=None us':>13s} {'defaults us':>12s} "
+          f"{'clip=None/floor':>16s} {'defaults/floor':>15s}")
+    for count, elems, med in rows:
+        print(f"    {count:8d} {elems:10d} {med['floor'] * 1e6:10.1f} {med['monitor'] * 1e6:13.1f} "
+              f"{med['defaults'] * 1e6:12.1f} {med['monitor'] / med['floor']:15.2f}x {med['defaults'] / med['floor']:14.2f}x")
+    # least squares: cost = fixed + per_tensor * tensors + per_element * elements
+    a = np.array([[1.0, c, e] for c, e, _ in rows])
+    for kk in ("floor", "monitor", "defaults"):
+        coef, *_ = np.linalg.lstsq(a, np.array([m[kk] for _, _, m in rows]), rcond=None)
+        print(f"    fit {kk:9s}: {coef[0] * 1e6:8.1f} us fixed + {coef[1] * 1e6:6.2f} us/tensor + "
+              f"{coef[2] * 1e12:7.1f} ps/element")
+    print()
+
+
+def training_costs(model, x_fn, reps, n):
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
     x = x_fn()
-    variants = {}
-    for name in ("plain", "GradGuard() defaults", "wandb.watch(log='gradients', log_freq=1)"):
+    variants, guards = {}, []
+    names = ["plain", "GradGuard() defaults", "wandb.watch(log='gradients', log_freq=1)"]
+    if DEVICE.type == "cuda":  # the sync-free gate: a fused optimizer takes the verdict on the device
+        names += ["plain, Adam(fused=True)", "GradGuard() defaults, Adam(fused=True)"]
+    for name in names:
         torch.manual_seed(0)
-        model = model_fn()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        guard = GradGuard(model) if name.startswith("GradGuard") else None
+        m = copy.deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-4, fused="fused" in name)
+        guard = GradGuard(m) if name.startswith("GradGuard") else None
+        guards += [guard] if guard else []
         if name.startswith("wandb"):
             run = wandb.init(mode="offline", dir=tempfile.mkdtemp(), project="gradguard-bench")
-            run.watch(model, log="gradients", log_freq=1)
+            run.watch(m, log="gradients", log_freq=1)
 
-        def step(model=model, opt=opt, guard=guard):
+        def step(m=m, opt=opt, guard=guard):
             opt.zero_grad()
-            loss_of(model(x)).backward()
+            loss_of(m(x)).backward()
             guard.step(opt) if guard else opt.step()
 
         step()
@@ -115,37 +279,59 @@ def training_costs(model_fn, x_fn, reps, n):
     times = {k: [] for k in variants}
     for _ in range(reps):
         for name, fn in variants.items():
-            times[name].append(time_calls(fn, n))
+            times[name].append(timed_block(fn, n, lambda: None))
     if wandb.run is not None:
         wandb.finish()
+    for g in guards:
+        g.close()
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
+    global DEVICE
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--only", default="", help="substring of the model names to run in (a)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is "
+                        "far steadier on a loaded machine (OpenMP barriers stall when a core is taken)")
     args = parser.parse_args()
-    reps, n = (3, 20) if args.quick else (9, 100)  # n=100: two log steps per timed block
+    DEVICE = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    reps, n = (3, 50) if args.quick else (7, 100)  # n=100: two log steps per timed block
     torch.set_flush_denormal(True)  # denormal gradients make CPU multiplies ~10x slower and the floors noise
     warnings.simplefilter("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of {reps} interleaved "
-          f"blocks of {n} calls\n")
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; median of {reps} interleaved blocks of {n} calls; "
+          f"load average at start {os.getloadavg()[0]:.1f}\n")
+    if DEVICE.type == "cpu":
+        g = [torch.randn(1024, 1024) for _ in range(8)]
+        one = torch.ones(())
+        f = statistics.median(timed_block(lambda: torch._foreach_mul_(g, 1.0), 20, lambda: None) for _ in range(3))
+        t = statistics.median(timed_block(lambda: torch._foreach_mul_(g, one), 20, lambda: None) for _ in range(3))
+        print(f"    _foreach_mul_ over 8.4M elements: by a Python float {f * 1e3:.2f} ms, by a 0-d tensor "
+              f"{t * 1e3:.2f} ms\n")
     for name, (model, x_fn) in models().items():
-        costs = per_call_costs(model, x_fn(), reps, n)
-        mon_floor, clip_floor = costs["floor: _foreach_norm"], costs["floor: clip_grad_norm_(foreach)"]
-        print(f"(a) per-step cost on fixed gradients, {name}")
-        print(f"    {'variant':46s} {'us/step':>9s} {'vs monitoring floor':>20s} {'vs clipping floor':>18s}")
-        for k, v in costs.items():
-            print(f"    {k:46s} {v * 1e6:9.1f} {v / mon_floor:19.2f}x {v / clip_floor:17.2f}x")
-        print()
-    for name, (model, x_fn) in list(models().items())[:1]:  # whole steps: the MLP (the Transformer takes ~3 s a step on 2 cores)
-        make = (lambda m=model: __import__("copy").deepcopy(m))
-        costs = training_costs(make, x_fn, max(3, reps // 2), max(10, n // 4))
-        base = costs["plain"]
-        print(f"(b) whole training step (forward, backward, Adam), {name}")
-        for k, v in costs.items():
-            print(f"    {k:46s} {v * 1e3:9.2f} ms {v / base:7.3f}x")
-        print()
+        if args.only and args.only not in name:
+            continue
+        model.to(DEVICE)
+        report_per_call(name, *per_call_costs(model, x_fn(), reps, n))
+        if DEVICE.type == "cuda":  # the sync-free gate of a fused optimizer
+            costs, paths, gates = per_call_costs(model, x_fn(), reps, n, fused=True)
+            report_per_call(name + " [fused optimizer]", costs, paths, gates)
+    if not args.skip_sweep:
+        sweep(max(3, reps // 2), n // 2)
+    if not args.skip_train:
+        for name, (model, x_fn) in list(models().items())[:1]:  # the Transformers take seconds a step on 2 cores
+            costs = training_costs(model.to(DEVICE), x_fn, max(3, reps // 2), max(10, n // 4))
+            base = costs["plain"]
+            print(f"(c) whole training step (forward, backward, Adam), {name}")
+            for k, v in costs.items():
+                print(f"    {k:46s} {v * 1e3:9.2f} ms {v / base:7.3f}x")
+            print()
 
 
 if __name__ == "__main__":

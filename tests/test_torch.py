@@ -1,7 +1,9 @@
 """gradguard.torch on real PyTorch training runs (scikit-learn digits, CPU)."""
 
+import copy
 import json
 import math
+import time
 import warnings
 
 import pytest
@@ -231,12 +233,18 @@ def host_reads(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("skip_nonfinite, per_step", [(False, 0), (True, 1)])
-def test_no_host_sync_on_steps_that_do_not_log(host_reads, skip_nonfinite, per_step):
+@pytest.mark.parametrize("skip_nonfinite, fused, per_step",
+                         [(False, False, 0), (False, True, 0), (True, False, 1), (True, True, 0)])
+def test_no_host_sync_on_steps_that_do_not_log(host_reads, skip_nonfinite, fused, per_step):
+    """The accelerator path (forced on this CPU): nothing leaves the device on a non-log step, except
+    the one gate read when skipping with an optimizer that cannot take a device-side found_inf;
+    a fused optimizer gets the verdict on the device and the step costs no read at all."""
     torch.manual_seed(0)
     model = ConvNet(depth=2)
     guard = GradGuard(model, clip="auto", skip_nonfinite=skip_nonfinite, log_every_n_steps=1000)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard.engine.host_reads_free = False  # as on a GPU
+    opt = (torch.optim.Adam(model.parameters(), lr=1e-3, fused=True) if fused
+           else torch.optim.SGD(model.parameters(), lr=0.01))
     x, y = digits(32)
 
     def backward():
@@ -245,17 +253,92 @@ def test_no_host_sync_on_steps_that_do_not_log(host_reads, skip_nonfinite, per_s
 
     backward()
     guard.step(opt)  # the first step fixes the layout
+    assert guard.engine.step_path == "eager"
     syncs, reads = 0, 0
     for _ in range(20):
         backward()
         with CountSyncs() as mode:
             before = host_reads["n"]
-            guard.engine.before_step()
+            assert guard.engine.before_step(opt)
+            reads += host_reads["n"] - before
+        syncs += mode.count
+        opt.step()  # the optimizer's own work is not ours to count
+        with CountSyncs() as mode:
+            before = host_reads["n"]
             guard.engine.after_step()
             reads += host_reads["n"] - before
         syncs += mode.count
-        opt.step()
     assert syncs == 20 * per_step and reads == 20 * per_step
+    assert guard.engine.gate == ("none" if not skip_nonfinite else "optimizer" if fused else "host read")
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")  # handed back after each step
+
+
+def test_on_a_cpu_device_the_verdict_is_read_for_free(host_reads):
+    """A CPU device runs the bookkeeping in numpy: no torch sync, one zero-copy view of the layer norms."""
+    torch.manual_seed(0)
+    model = ConvNet(depth=2)
+    guard = GradGuard(model, log_every_n_steps=1000)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = digits(32)
+    for step in range(6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with CountSyncs() as mode:
+            before = host_reads["n"]
+            guard.step(opt)
+            reads = host_reads["n"] - before
+        if step > 0:
+            assert mode.count == 0 and reads == 1
+    assert guard.engine.step_path == "numpy (cpu)" and guard.engine.gate == "host read (cpu)"
+
+
+@pytest.mark.parametrize("attach", [False, True])
+def test_a_fused_optimizer_skips_a_nonfinite_step_on_the_device(attach):
+    """The sync-free gate: a NaN step leaves weights, Adam's moments and step count and BatchNorm's
+    running statistics exactly as they were; a clipping step's factor reaches the fused kernel."""
+    torch.manual_seed(0)
+    model = ConvNet(depth=2)
+    guard = GradGuard(model, clip=0.5, log_every_n_steps=1000)
+    guard.engine.host_reads_free = False  # as on a GPU
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    if attach:
+        guard.attach(opt)
+    x, y = digits(64)
+
+    def step(xb):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), y[:32]).backward()
+        return opt.step() if attach else guard.step(opt)
+
+    for _ in range(3):
+        step(x[:32])
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    poisoned = x[32:64].clone()
+    poisoned[3, 5] = float("nan")
+    step(poisoned)
+    assert guard.engine.gate == "optimizer"
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, moments[id(p)][k]), (n, k)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    # a healthy step goes on, clipped inside the fused kernel: the same weights as clipping by hand
+    twin = ConvNet(depth=2)
+    twin.load_state_dict(model.state_dict())
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3, fused=True)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict would share the moments)
+    step(x[:32])
+    twin_opt.zero_grad()
+    nn.functional.cross_entropy(twin(x[:32]), y[:32]).backward()
+    nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    twin_opt.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    assert all(int(opt.state[p]["step"]) == 4 for p in model.parameters())
+    assert guard.skipped_steps == 1 and guard.totals["nonfinite"] == 1 and guard.totals["clipped"] >= 4
 
 
 # ------------------------------------------------------------------------------- state, sinks, arguments
@@ -476,3 +559,89 @@ def test_hidden_tanh_with_large_init_saturates():
     assert set(s.layers) <= {"1", "3"}  # the hidden nn.Tanh modules, named as in named_modules()
     assert all(s.evidence["saturated_fraction"][n] > 0.5 for n in s.layers)
     assert any("ReLU" in r for r in s.remedies)
+
+
+def test_the_compiled_bookkeeping_matches_the_eager_one_and_never_blocks_a_step():
+    """TorchStep compiles stats.device_step in a background thread; steps go on eagerly meanwhile,
+    then run compiled with the same numbers (or stay eager, saying so, where no compiler works)."""
+    from gradguard import stats
+    from gradguard.torch import _fused
+
+    policy = gradguard.options.Options.of("GradGuard", {"clip": "zscore"}).policy
+    init = stats.init_state(5, policy, trace_size=8)
+    compiled = _fused.TorchStep(init, policy, gradguard.TrackerConfig(), torch.device("cpu"), compile_after=2)
+    eager = _fused.TorchStep(init, policy, gradguard.TrackerConfig(), torch.device("cpu"), compile_after=None)
+    has = torch.ones(5)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(40):
+        layer_sq = torch.rand(5, generator=gen) * (100.0 if i == 30 else 1.0)
+        start = time.perf_counter()
+        out = compiled(layer_sq, has)
+        if i == 2:  # this step started the compile and did not wait for it
+            returned = time.perf_counter() - start
+            assert compiled.path in ("eager (compiling)", "compiled")
+            assert compiled.wait_compiled(timeout=600) in ("compiled", "eager")
+            if compiled.path == "compiled":
+                assert returned < (time.perf_counter() - start) / 2
+        for a, b in zip(out, eager(layer_sq, has)):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k, v in eager.state.items():
+        assert torch.allclose(compiled.state[k], v, rtol=1e-5, atol=1e-6, equal_nan=True), k
+    assert eager.path == "eager"
+
+
+@pytest.mark.parametrize("clip", ["auto", "zscore", "percentile", 1.0, None])
+def test_the_cpu_bookkeeping_gives_the_core_numbers_exactly(clip):
+    """NumpyStep's faster namespace: bit-identical to the core's numpy reference, NaN steps included."""
+    import numpy as np
+
+    from gradguard import stats
+    from gradguard.ops import numpy_ops
+    from gradguard.torch._fused import fast_numpy_ops
+
+    policy = gradguard.options.Options.of("GradGuard", {"clip": clip}).policy
+    ref = fast = stats.init_state(7, policy, trace_size=16)
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        sq = (rng.random(7) * (1e4 if i % 37 == 36 else 1.0)).astype(np.float32)
+        if i % 50 == 49:
+            sq[2] = np.nan
+        has = (rng.random(7) > 0.1).astype(np.float32)
+        a, b = stats.device_step(ref, sq, has, policy, numpy_ops), stats.device_step(fast, sq, has, policy, fast_numpy_ops)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        ref, fast = a[2], b[2]
+        for k in ref:
+            assert np.asarray(fast[k]).dtype == np.float32 and np.array_equal(ref[k], fast[k], equal_nan=True), (i, k)
+
+
+def test_the_accelerator_path_trains_exactly_like_the_cpu_path(monkeypatch):
+    """Forced on this CPU: torch bookkeeping and the fused optimizer's device-side gate against numpy
+    bookkeeping and the host gate, through two poisoned batches and log steps: the same weights, the
+    same skips and findings."""
+    monkeypatch.setenv("GRADGUARD_COMPILE", "0")
+
+    def run(accelerator):
+        torch.manual_seed(0)
+        model = ConvNet(depth=2)
+        guard = GradGuard(model, log_every_n_steps=10)
+        if accelerator:
+            guard.engine.host_reads_free = False
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        x, y = digits(256)
+        gates = set()
+        for step in range(40):
+            xb, yb = x[(step % 8) * 32:(step % 8 + 1) * 32].clone(), y[(step % 8) * 32:(step % 8 + 1) * 32]
+            if step in (15, 27):
+                xb[0, 0] = float("nan")
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            guard.step(opt)
+            gates.add(guard.engine.gate)
+        found = [(f.kind, f.step) for f in guard.findings]
+        return [p.detach().clone() for p in model.parameters()], guard.totals, found, gates, guard.engine.step_path
+
+    fast, cpu = run(True), run(False)
+    assert fast[3] == {"optimizer", "host read"} and fast[4] == "eager"
+    assert cpu[3] == {"host read (cpu)"} and cpu[4] == "numpy (cpu)"
+    assert all(torch.equal(p, q) for p, q in zip(fast[0], cpu[0]))
+    assert fast[1] == cpu[1] and fast[1]["skipped"] == 2 and fast[2] == cpu[2] == [("nonfinite", 15)]

@@ -6,15 +6,20 @@ and the Hugging Face Trainer callback.
     engine.after_step(stepped)       # count the step; on a log step read the window, judge, report
 
 Every step runs on the gradients' device with torch foreach kernels: one ``_foreach_norm`` pass for
-the per-layer norms, a few tiny ops on a vector of layer norms (the core's ``stats.device_step``)
-and, when the policy may clip, one ``_foreach_mul_``. Nothing is copied to the host on a step that
-does not log, except one boolean when ``skip_nonfinite=True`` (the gate ``GradScaler`` uses).
-Everything host-side (log-step rule, window read, snapshot assembly, checkpoint format) is the
-core's ``gradguard.pipeline``.
+the per-layer norms, the core's ``stats.device_step`` on a vector of layer norms (``_fused``: numpy
+on a CPU device, compiled in the background on an accelerator) and, when the policy clips, one
+``_foreach_mul_``. On an accelerator nothing is copied to the host on a step that does not log:
+with ``skip_nonfinite=True`` the verdict either goes to the optimizer as a device-side
+``found_inf`` (the fused optimizers, driven the way ``GradScaler`` drives them: ``gate ==
+"optimizer"``) or is read as one boolean (the gate ``GradScaler`` uses for the others: ``gate ==
+"host read"``). On a CPU device a read costs nothing, so the verdict is read there and the
+multiply is by a Python float. Everything host-side (log-step rule, window read, snapshot
+assembly, checkpoint format) is the core's ``gradguard.pipeline``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -26,7 +31,7 @@ from gradguard.findings import Finding
 from gradguard.monitor import Decision, Monitor, warn_user
 from gradguard.options import Options
 from gradguard.sinks import make_sinks
-from gradguard.torch import _snapshots
+from gradguard.torch import _fused, _snapshots
 from gradguard.torch._layout import ForwardOrder, Layout, build_layout, describe_model, trainable_key, unwrap
 from gradguard.torch._normstats import NormStats
 from gradguard.torch._ops import real_view, torch_ops
@@ -45,13 +50,15 @@ class _Built:
         self.n_layers = len(layout.layers)
         self.param_layer_t = torch.tensor(layout.param_layer, device=device)
         self.sharding = Sharding(layout.params, device)
-        self.state: dict[str, torch.Tensor] = {}
+        self.step_fn: _fused.NumpyStep | _fused.TorchStep | None = None  # runs stats.device_step, owns the state
         # which parameters had a gradient at the last step, and the index tensors that follow from it
         self.present: tuple[bool, ...] | None = None
         self.idx_t = self.present_idx_t = self.has_t = None
+        self.plain_grads: bool | None = None  # dense, real, one device, no DTensor: the fast path
 
     def set_present(self, present: tuple[bool, ...]) -> None:
         self.present = present
+        self.plain_grads = None
         idx = [self.layout.param_layer[i] for i, ok in enumerate(present) if ok]
         self.idx_t = torch.tensor(idx, device=self.device, dtype=torch.long)
         self.present_idx_t = torch.tensor([i for i, ok in enumerate(present) if ok], device=self.device,
@@ -60,6 +67,10 @@ class _Built:
         if idx:
             has[torch.tensor(sorted(set(idx)), device=self.device)] = 1.0
         self.has_t = has
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.step_fn.state
 
 
 class TorchEngine:
@@ -105,6 +116,12 @@ class TorchEngine:
         self._log_step = False
         self._sums: pipeline.LayerSums | None = None
         self._update: _snapshots.UpdateSample | None = None
+        # None: decide from the device (a CPU device reads the verdict, which costs nothing there);
+        # False forces the accelerator path (no host read), e.g. to test it on a CPU.
+        self.host_reads_free: bool | None = None
+        self.gate = "host read" if self.skip_nonfinite else "none"  # how the last step was gated
+        self._gates_logged: set[str] = set()
+        self._handed: tuple | None = None  # (optimizer, found_inf, grad_scale, set by us) during a step
 
     # ------------------------------------------------------------------ results
 
@@ -124,6 +141,12 @@ class TorchEngine:
     def state(self) -> dict[str, torch.Tensor]:
         """The device state (window accumulators, spike tracker, policy state)."""
         return self._built.state if self._built else {}
+
+    @property
+    def step_path(self) -> str | None:
+        """How the per-step bookkeeping runs: ``"numpy (cpu)"``, ``"eager"``, ``"eager (compiling)"``
+        or ``"compiled"`` (None before the first step)."""
+        return self._built.step_fn.path if self._built else None
 
     @property
     def step_count(self) -> int:
@@ -178,8 +201,10 @@ class TorchEngine:
         saved = carry if carry is not None else self._pending
         if saved:
             host = pipe.restore(saved, to_numpy=lambda v: v.detach().cpu().numpy() if torch.is_tensor(v) else v)
-        built.state = {k: torch.as_tensor(np.asarray(host[k]), dtype=torch.float32, device=device)
-                       for k in pipe.layout.keys}
+        built.step_fn = _fused.make_step({k: host[k] for k in pipe.layout.keys}, self.policy, pipe.tracker,
+                                         device, self.host_reads_free)
+        logging.getLogger("gradguard").debug("gradguard: per-step bookkeeping: %s; non-finite gate: %s",
+                                             built.step_fn.path, self.gate)
         if self._built is None:
             self._probes.install_saturation(self._order, [n for n, _ in self.model.named_modules()])
         self._built, self._pending = built, None
@@ -215,12 +240,19 @@ class TorchEngine:
 
     def _grads(self, b: _Built) -> list[torch.Tensor]:
         grads = [p.grad for p in b.layout.params]
-        present = tuple(g is not None for g in grads)
+        present = tuple([g is not None for g in grads])
         if present != b.present:
             b.set_present(present)
-        return [g for g in grads if g is not None]
+        return grads if all(present) else [g for g in grads if g is not None]
 
     def _layer_sq(self, b: _Built, grads) -> torch.Tensor:
+        if b.plain_grads is None:  # checked once per set of gradients (these facts follow the parameters)
+            b.plain_grads = all(type(g) is torch.Tensor and not g.is_complex() and not g.is_sparse
+                                and g.device == b.device for g in grads)
+        if b.plain_grads:  # the common case, without a Python pass over the tensors' attributes
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            sq = b.sharding.share(torch.stack(norms).square(), b.present_idx_t)
+            return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
         grads = [real_view(local(g)) for g in grads]
         dense = all(not g.is_sparse for g in grads)
         if dense and all(g.device == b.device for g in grads):
@@ -231,16 +263,22 @@ class TorchEngine:
         sq = b.sharding.share(torch.stack(norms).square(), b.present_idx_t)
         return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
 
-    def before_step(self) -> bool:
+    def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Measure, clip and gate the gradients now in ``.grad``. Returns False when the step must be
         skipped (non-finite gradients and ``skip_nonfinite``): the watched gradients are then set to
-        None and the normalization statistics of this step's forward passes are put back."""
+        None and the normalization statistics of this step's forward passes are put back.
+
+        ``optimizer``: the optimizer about to step. When it is a fused one (``fused=True``: it takes
+        a device-side ``found_inf``/``grad_scale`` the way ``GradScaler`` drives it), a non-log step
+        on an accelerator hands it the verdict and the clip factor instead of reading them: no host
+        sync; the optimizer then skips a non-finite update itself (weights, moments and its step
+        count unchanged), the gradients stay as they were, and this returns True."""
         if self._in_step:
             raise RuntimeError("gradguard: before_step() ran twice without after_step(): the same guard is "
                                "hooked twice into one optimizer step (attach() plus guard.step(), or two "
                                "attach() calls on different optimizers)")
         b = self._built or self._build()
-        if b.layout.trainable != trainable_key(self._all_params):
+        if b.layout.trainable != tuple([p.requires_grad for p in self._all_params]):  # (= trainable_key, faster)
             self._rebuild_if_trainable_changed()
             b = self._built
         self._in_step = True
@@ -250,29 +288,78 @@ class TorchEngine:
         if not grads:
             return True
         layer_sq = self._layer_sq(b, grads)
-        scale, finite, b.state = stats.device_step(b.state, layer_sq, b.has_t, self.policy, torch_ops,
-                                                   b.pipeline.tracker)
+        scale, finite = b.step_fn(layer_sq, b.has_t)
         if self._log_step:
             self._sums = _snapshots.measure(b, grads, layer_sq, self.histograms)
         if self.policy.unitwise is not None and self.clipping_allowed:
             self._clip_unitwise(b, grads)
         may_clip = self.policy.scales_global and self.clipping_allowed
-        if self.skip_nonfinite:
+        if b.step_fn.reads_free:
+            # A CPU device: the verdict is already a Python float; multiply by a float, only when clipping.
+            self._set_gate("host read (cpu)" if self.skip_nonfinite else "none")
+            if self.skip_nonfinite and finite == 0.0:
+                return self._skip(b)
+            if may_clip and scale < 1.0:
+                torch._foreach_mul_(grads, scale)
+        elif self.skip_nonfinite and not self._log_step and _takes_found_inf(optimizer):
+            # The fused optimizer skips a non-finite step itself and folds the clip factor into its
+            # kernel (it divides by grad_scale): no host read, no extra pass over the gradients.
+            self._set_gate("optimizer")
+            self._hand_to(optimizer, 1.0 - finite, 1.0 / scale if may_clip else None)
+            self._norm_stats.restore_where(finite)
+        elif self.skip_nonfinite:
             # The one host read of a non-log step (GradScaler's gate): 0 = non-finite, 1 = finite,
             # 2 = finite and to be clipped; so the clipping pass runs only when it changes something.
+            self._set_gate("host read")
             verdict = int(finite * (1.0 + (scale < 1.0).float()))
             if verdict == 0:
-                for p in b.layout.params:
-                    p.grad = None
-                self._norm_stats.restore()
-                return False
+                return self._skip(b)
             if verdict == 2 and may_clip:
                 torch._foreach_mul_(grads, scale.to(torch.float32))
+        elif may_clip and not self._log_step and _takes_found_inf(optimizer):
+            self._hand_to(optimizer, None, 1.0 / scale)  # the fused kernel scales: no extra pass
         elif may_clip:  # no host read allowed: scale unconditionally (by 1 while not clipping)
             torch._foreach_mul_(grads, scale.to(torch.float32))
         if self._sums is not None and self.measure_updates:
             self._update = _snapshots.UpdateSample(b)
         return True
+
+    def _set_gate(self, gate: str) -> None:
+        if gate not in self._gates_logged:  # (log steps read the host even with a fused optimizer: once each)
+            self._gates_logged.add(gate)
+            logging.getLogger("gradguard").debug("gradguard: non-finite gate: %s", gate)
+        self.gate = gate
+
+    def _skip(self, b: _Built) -> bool:
+        for p in b.layout.params:
+            p.grad = None
+        self._norm_stats.restore()
+        return False
+
+    def _hand_to(self, optimizer, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None) -> None:
+        """Set the optimizer's ``found_inf``/``grad_scale`` for this step, combined with a
+        GradScaler's own (which sets them before calling step() and deletes them after)."""
+        theirs_inf, theirs_scale = getattr(optimizer, "found_inf", None), getattr(optimizer, "grad_scale", None)
+        if self._handed is not None and self._handed[0] is optimizer:  # left over from a step that raised
+            theirs_inf = None if theirs_inf is self._handed[1] else theirs_inf
+            theirs_scale = None if theirs_scale is self._handed[2] else theirs_scale
+        ours = theirs_inf is None and theirs_scale is None
+        if theirs_inf is not None:
+            found_inf = theirs_inf if found_inf is None else torch.maximum(found_inf, theirs_inf.to(found_inf))
+        if theirs_scale is not None:
+            grad_scale = theirs_scale if grad_scale is None else theirs_scale * grad_scale
+        optimizer.found_inf, optimizer.grad_scale = found_inf, grad_scale
+        self._handed = (optimizer, found_inf, grad_scale, ours)
+
+    def _take_back(self) -> None:
+        if self._handed is None:
+            return
+        optimizer, found_inf, grad_scale, ours = self._handed
+        self._handed = None
+        if ours:  # a GradScaler deletes its own after step()
+            for name, value in (("found_inf", found_inf), ("grad_scale", grad_scale)):
+                if getattr(optimizer, name, None) is value:
+                    delattr(optimizer, name)
 
     def _clip_unitwise(self, b: _Built, grads) -> None:
         """AGC: per-unit norms of gradient and weight, the policy's rule, one multiply per tensor.
@@ -294,6 +381,7 @@ class TorchEngine:
         if not self._in_step:
             raise RuntimeError("gradguard: after_step() without before_step()")
         self._in_step = False
+        self._take_back()
         self._norm_stats.next_step()
         b = self._built
         step = b.pipeline.step
@@ -322,19 +410,16 @@ class TorchEngine:
         return self._observe(None, host=host)
 
     def _host_state(self) -> dict[str, np.ndarray]:
-        b = self._built
-        keys = b.pipeline.layout.keys
-        flat = torch.cat([b.state[k].reshape(-1) for k in keys]).cpu().numpy()  # one copy to the host
-        return b.pipeline.layout.unpack_np(flat)
+        return self._built.step_fn.host()  # one copy to the host
 
     def _observe(self, snap, report: bool = True, host: dict | None = None) -> Decision:
         b = self._built
         host = self._host_state() if host is None else host
         decision, fresh = b.pipeline.observe(host, last_step=b.pipeline.step - 1, snapshot=snap, report=report)
-        for k in stats.window_keys():
-            b.state[k] = torch.as_tensor(fresh[k], dtype=torch.float32, device=b.device)
+        written = {k: fresh[k] for k in stats.window_keys()}
         if decision.enable_clipping and b.pipeline.latch is not None:
-            b.state[b.pipeline.latch] = torch.ones((), device=b.device)
+            written[b.pipeline.latch] = np.float32(1.0)
+        b.step_fn.write(written)
         return decision
 
     # ------------------------------------------------------------------ checkpoints
@@ -368,3 +453,8 @@ class TorchEngine:
         else:
             for s in self._sinks:
                 s.close()
+
+
+def _takes_found_inf(optimizer) -> bool:
+    """Optimizers whose step() reads a device-side ``found_inf``/``grad_scale`` (``fused=True``)."""
+    return optimizer is not None and bool(getattr(optimizer, "_step_supports_amp_scaling", False))

@@ -89,7 +89,10 @@ class GradGuard:
         """Measure, clip, then ``optimizer.step(*args, **kwargs)``, unless the gradients are
         non-finite: then the step is skipped and the gradients are cleared. With a closure
         (``guard.step(opt, closure)``) the closure runs first and its gradients are the ones judged.
-        Returns whether the optimizer stepped."""
+        Returns whether the optimizer stepped. (A fused optimizer, ``fused=True``, on an accelerator
+        is handed the verdict on the device instead, as ``GradScaler`` does, so a non-log step never
+        waits for the host: it skips a non-finite update itself, the gradients stay, and this
+        returns True; the skip is counted in ``totals``.)"""
         if self._attached is not None:
             if optimizer is not self._attached:
                 raise ValueError("this GradGuard is attached to another optimizer; calling guard.step() too "
@@ -101,7 +104,7 @@ class GradGuard:
             _refuse_multi_eval(optimizer)
             loss = _run_closure(closure)
             args = (_EvaluatedClosure(loss, optimizer),)
-        ok = self.engine.before_step()
+        ok = self.engine.before_step(optimizer)
         try:
             if ok:
                 optimizer.step(*args, **kwargs)
@@ -140,7 +143,7 @@ class GradGuard:
                     args = (args[0], evaluated, *args[2:])
                 else:
                     kwargs = {**kwargs, "closure": evaluated}
-            self._last_ok = engine.before_step()
+            self._last_ok = engine.before_step(opt)
             return (args, kwargs) if closure is not None else None
 
         def post(opt, args, kwargs):

@@ -2,7 +2,8 @@
 written NaN into BatchNorm's running mean/var (and counted the batch) before gradguard sees the
 gradients. Each norm module with running statistics keeps, on the device, a copy of its buffers
 taken at its first training forward of the step; a skipped step copies them back. Healthy steps
-cost one small device copy per buffer and no host sync."""
+cost one small device copy per buffer and no host sync; when the optimizer gates the step on the
+device (``restore_where``), one small ``where`` per buffer."""
 
 from __future__ import annotations
 
@@ -30,6 +31,17 @@ class NormStats:
             for pairs in self._saved.values():
                 for live, saved in pairs:
                     live.copy_(saved)
+        self._saved = {}
+
+    def restore_where(self, finite: torch.Tensor) -> None:
+        """``restore`` decided on the device (no host read): each buffer keeps its new value where
+        ``finite`` is 1 and gets the saved one back where it is 0."""
+        if self._saved:
+            with torch.no_grad():
+                keep = finite > 0
+                for pairs in self._saved.values():
+                    for live, saved in pairs:
+                        live.copy_(torch.where(keep, live, saved))
         self._saved = {}
 
     def next_step(self) -> None:

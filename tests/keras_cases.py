@@ -821,7 +821,8 @@ def case_dead_units():
     bias[: 3 * len(bias) // 4] = -50.0
     layer.bias.assign(bias)
     cb = GradGuardCallback(log_every_n_steps=4)
-    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    # 64 steps: death is judged over at least DetectorConfig.dead_min_steps (50) optimizer steps
+    model.fit(x, y, batch_size=BATCH, epochs=4, verbose=0, shuffle=False, callbacks=[cb])
     return {"findings": findings(cb)}
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

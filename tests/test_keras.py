@@ -11,6 +11,8 @@ import math
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses: every Keras backend / several ranks
+
 from gradguard.findings import REMEDIES
 from keras_runner import BACKENDS, CaseRunner
 

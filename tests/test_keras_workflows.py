@@ -13,6 +13,8 @@ import math
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses: every Keras backend / several ranks
+
 from keras_runner import BACKENDS, CaseRunner
 
 CASES = ["accumulation", "fine_tune", "other_model", "pure_look", "clip_change", "policies", "bn_skip",

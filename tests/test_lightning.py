@@ -476,6 +476,7 @@ def test_a_wandb_failure_mid_run_warns_once_and_training_goes_on(wandb_dir):
 
 # ----------------------------------------------------------------------------------- DDP
 
+@pytest.mark.slow
 def test_ddp_spawn_poisoned_batch_on_one_rank_skips_everywhere_and_rank_zero_logs(tmp_path):
     module = Classifier(relu_mlp(), lr=1e-3, optimizer="adam", poison=[(0, 3, 1)], out_dir=str(tmp_path))
     callback = GradGuardCallback(log_every_n_steps=2, sinks=str(tmp_path / "gradguard.jsonl"))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses: every Keras backend / several ranks
+
 torch = pytest.importorskip("torch")
 pl = pytest.importorskip("pytorch_lightning")
 

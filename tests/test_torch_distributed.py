@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses: every Keras backend / several ranks
+
 
 def free_port():
     with socket.socket() as s:

@@ -137,6 +137,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_take_one_decision(tmp_path):
     """torchrun, 2 CPU processes (gloo): NaN on rank 1 only reaches both ranks through the all-reduce,
     both skip the same step and measure the same global norm."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -95,8 +96,8 @@ class Classifier(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.optimizer_name in ("adam", "adam_fused"):
+            return torch.optim.Adam(self.parameters(), lr=self.lr, fused=self.optimizer_name == "adam_fused")
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def on_before_optimizer_step(self, optimizer):
@@ -230,6 +231,60 @@ def test_bf16_mixed_measures_and_skips(tmp_path):
     assert [f.kind for f in callback.findings] == ["nonfinite"]
     norms = csv_series(csv_rows(tr), "grad/norm/global")
     assert norms[3] == pytest.approx(module.ref_norms[3], rel=1e-5)  # fp32 gradients of the bf16 forward
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts device-to-host reads (``_local_scalar_dense``: item/bool/float)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class AcceleratorPathCallback(GradGuardCallback):
+    """The real callback on the accelerator path (no free host reads, as on a GPU), forced on this
+    CPU; records, per optimizer step, the gate used and the host reads its hook made."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps: list[tuple[bool, str, int]] = []  # (log step, gate, host reads)
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self._engine.host_reads_free = False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        with CountSyncs() as mode:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.steps.append((self._engine._log_step, self._engine.gate, mode.count))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_fused_optimizer_gets_the_verdict_on_the_device_under_the_trainer(tmp_path, fused):
+    """The Trainer hands the callback its optimizer: a fused Adam takes the non-finite verdict on the
+    device (gate "optimizer", no host read on a non-log step) and skips the poisoned step itself,
+    weights and moments untouched; a plain one is gated by one host read, as before."""
+    module = Classifier(relu_mlp(), lr=1e-3, optimizer="adam_fused" if fused else "adam", poison=[(0, 5, None)])
+    callback = AcceleratorPathCallback(log_every_n_steps=4)
+    tr = fit(tmp_path, module, callback)
+
+    plain = [(gate, reads) for log, gate, reads in callback.steps if not log]
+    assert len(callback.steps) == 16 and len(plain) == 11  # steps 0, 3, 7, 11, 15 log
+    assert set(plain) == ({("optimizer", 0)} if fused else {("host read", 1)})
+    before_w, before_opt = module.snapshots["before"]
+    after_w, after_opt = module.snapshots["after"]
+    assert same_params(before_w, after_w)  # the poisoned step never reached the weights ...
+    for s_before, s_after in zip(before_opt["state"].values(), after_opt["state"].values()):
+        assert all(torch.equal(s_before[k], s_after[k]) for k in s_before)  # ... nor Adam's moments and step
+    assert tr.global_step == 16 and module.update_norms[6] > 0 and module.update_norms[5] == 0
+    assert callback.skipped_steps == 1 and [f.kind for f in callback.findings] == ["nonfinite"]
+    optimizer = module.optimizers().optimizer
+    assert not hasattr(optimizer, "found_inf") and not hasattr(optimizer, "grad_scale")  # handed back
 
 
 # ----------------------------------------------------------------------------------- accumulation

@@ -645,3 +645,56 @@ def test_the_accelerator_path_trains_exactly_like_the_cpu_path(monkeypatch):
     assert cpu[3] == {"host read (cpu)"} and cpu[4] == "numpy (cpu)"
     assert all(torch.equal(p, q) for p, q in zip(fast[0], cpu[0]))
     assert fast[1] == cpu[1] and fast[1]["skipped"] == 2 and fast[2] == cpu[2] == [("nonfinite", 15)]
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_log_step_extras_match_a_direct_measurement(accelerator):
+    """What a log step measures against the same quantities computed directly: exact max-abs,
+    weight norms and dead units (with and without a bias: both sides of the rule), the zero share
+    within its sampling error, and the sampled update norm within a few percent of the exact one."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(3000, 32), nn.Flatten(), nn.Linear(4 * 32, 96), nn.ReLU(),
+                          nn.Linear(96, 128, bias=False), nn.ReLU(), nn.LayerNorm(128), nn.Linear(128, 10))
+    with torch.no_grad():
+        model[2].bias[:40] = -50.0  # 40 units that never fire: dead, found through the bias gradient
+        model[4].weight[:24] = -model[4].weight[:24].abs() - 0.1  # inputs are >= 0: 24 dead units, no bias
+    guard = GradGuard(model, clip=None, log_every_n_steps=5)
+    if accelerator:
+        guard.engine.host_reads_free = False
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    captured = {}
+    for step in range(10):
+        x, y = torch.randint(0, 3000, (64, 4)), torch.randint(0, 10, (64,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step == 0:
+            guard.step(opt)
+            pipe = guard.engine._built.pipeline
+            snapshot = pipe.snapshot
+            pipe.snapshot = lambda sums: captured.setdefault("snap", snapshot(sums))
+            continue
+        if step == 9:  # a log step: the reference, from the same gradients and weights
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        captured.clear()
+        guard.step(opt)
+    snap = captured["snap"]
+    names = [layer.name for layer in guard.layers]
+    for i, name in enumerate(names):
+        own = [n for n in grads if n.rsplit(".", 1)[0] == name]
+        g = torch.cat([grads[n].flatten() for n in own])
+        w = torch.cat([before[n].flatten() for n in own])
+        u = torch.cat([(dict(model.named_parameters())[n].detach() - before[n]).flatten() for n in own])
+        assert snap.max_abs[i] == g.abs().max().item(), name
+        assert snap.weight_norm[i] == pytest.approx(w.norm().item(), rel=1e-5), name
+        assert snap.zero_frac[i] == pytest.approx((g == 0).float().mean().item(), abs=0.02), name
+        assert snap.update_norm[i] == pytest.approx(u.norm().item(), rel=0.05), name
+    dead = {names[i]: d for i, d in enumerate(snap.dead_units) if d is not None}
+    assert set(dead) == {"2", "4", "7"}
+    for name in dead:
+        assert dead[name].tolist() == (grads[name + ".weight"] == 0).all(dim=1).tolist(), name
+    assert dead["2"][:40].all() and dead["4"][:24].all() and not dead["7"].any()
+    # the update sample's chunks are tested on the embedding and on layer 4 (40 dead input columns)
+    assert model[0].weight.numel() > 8192 and model[4].weight.numel() > 8192

@@ -331,7 +331,19 @@ class GradGuardCallback(*_callback_bases()):
             return
         if self._in_step is not None:  # several optimizer steps in one batch (manual optimization)
             self._finish_step()
-        self._in_step = self._engine.before_step()
+        self._in_step = self._engine.before_step(self._fused_gate_optimizer(trainer, optimizer))
+
+    @staticmethod
+    def _fused_gate_optimizer(trainer: Any, optimizer: Any) -> Any:
+        """The torch optimizer about to step, for the engine's sync-free gate (a fused optimizer takes
+        the verdict and the clip factor on the device), or None where that cannot work: under a
+        ``GradScaler`` (16-mixed), which sets the optimizer's ``found_inf``/``grad_scale`` itself
+        after this hook, so the engine's would be overwritten; then the engine reads its gate."""
+        if getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None:
+            return None
+        if _is(optimizer, "LightningOptimizer"):
+            optimizer = optimizer.optimizer
+        return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._in_step is not None:

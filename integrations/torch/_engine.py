@@ -55,10 +55,12 @@ class _Built:
         self.present: tuple[bool, ...] | None = None
         self.idx_t = self.present_idx_t = self.has_t = None
         self.plain_grads: bool | None = None  # dense, real, one device, no DTensor: the fast path
+        self.extras: _snapshots.Extras | None = None  # what log steps read, fixed with the gradients' set
 
     def set_present(self, present: tuple[bool, ...]) -> None:
         self.present = present
         self.plain_grads = None
+        self.extras = None
         idx = [self.layout.param_layer[i] for i, ok in enumerate(present) if ok]
         self.idx_t = torch.tensor(idx, device=self.device, dtype=torch.long)
         self.present_idx_t = torch.tensor([i for i, ok in enumerate(present) if ok], device=self.device,

@@ -1,6 +1,11 @@
 """Log-step measurements on the device -> ``gradguard.pipeline.LayerSums`` (the core assembles the
 ``Snapshot``): max-abs and zero counts for the logged layers, weight norms, dead units (the core's
-``DEAD_UNIT_RULE``), histograms, and the update the optimizer applied (the core's sampling rule)."""
+``DEAD_UNIT_RULE``), histograms, and the update the optimizer applied (the core's sampling rule).
+
+What can be fixed once per layout (which parameters are logged, the update sample's views and
+segments) is kept in ``Extras``, rebuilt when the parameters, their storage or the set of gradients
+changes; a log step then runs a few batched ops, not a few ops per parameter. On a CPU device the
+dead-unit rows are read in numpy (a host read is free there)."""
 
 from __future__ import annotations
 
@@ -32,33 +37,54 @@ chunks of ``ZERO_CHUNK`` elements spread evenly over the tensor (exact for small
 fraction, so 65k elements estimate it to ~0.2%; contiguous chunks keep the count vectorised (a
 strided element-by-element sample is ~10x slower per element on a CPU)."""
 
+UPDATE_CHUNKS = 256
+"""The update sample of a parameter of at least twice ``pipeline.UPDATE_SAMPLE`` elements: that
+many as ``UPDATE_CHUNKS`` contiguous chunks (16 float32 elements: one cache line) spread evenly over it. A
+sample strided element by element touches every cache line of a tensor whose stride is under 16:
+on a CPU it read the whole of the weights, twice per log step."""
+
+
+def _chunks(flat: torch.Tensor, count: int, chunks: int) -> torch.Tensor:
+    """``count`` elements of a 1-D tensor as a ``(chunks, count // chunks)`` view: contiguous chunks
+    spread evenly (the whole tensor, 1-D, when it has at most ``count``)."""
+    n = flat.numel()
+    if n <= count:
+        return flat
+    step = n // chunks
+    return flat[:step * chunks].view(chunks, step)[:, :count // chunks]
+
+
+def _drifting_chunks(flat: torch.Tensor, count: int, chunks: int) -> torch.Tensor:
+    """Like ``_chunks``, the whole of a tensor under ``2 * count`` elements, and an odd distance
+    between chunks: a weight's rows are an even number of elements wide, so successive chunks start
+    at every column in turn instead of the same few (a sample aligned with the columns misses
+    whole dead or frozen input features)."""
+    n = flat.numel()
+    if n < 2 * count:
+        return flat
+    step = n // chunks - (1 - (n // chunks) % 2)
+    return flat[:step * chunks].view(chunks, step)[:, :count // chunks]
+
 
 def _max_abs(grads: list[torch.Tensor]) -> torch.Tensor:
     """Per tensor max |g|, exact. On a CPU ``aminmax`` is one vectorised pass (the inf-norm
     reduction is not, ~10x slower); an accelerator's ``_foreach_norm(inf)`` is one fused kernel."""
     if grads and grads[0].device.type == "cpu":
-        return torch.stack([_cpu_max_abs(g) for g in grads])
+        lo, hi = zip(*[torch.aminmax(g) if g.numel() else (torch.zeros(()),) * 2 for g in grads])
+        # (+0.0 turns an all-zero tensor's -0.0 into 0.0)
+        return torch.maximum(torch.stack(hi), -torch.stack(lo)).float() + 0.0
     return torch.stack(torch._foreach_norm(grads, float("inf"), dtype=torch.float32))
-
-
-def _cpu_max_abs(g: torch.Tensor) -> torch.Tensor:
-    if not g.numel():
-        return torch.zeros((), device=g.device)
-    lo, hi = torch.aminmax(g)
-    return torch.maximum(hi, -lo).float() + 0.0  # (+0.0 turns an all-zero tensor's -0.0 into 0.0)
 
 
 def _zero_count(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Per tensor, the number of exactly-zero elements, from evenly spread chunks (``ZERO_SAMPLE``)."""
-    chunks = ZERO_SAMPLE // ZERO_CHUNK
     counts, sampled, numel = [], [], []
     for g in grads:
         f = g.reshape(-1)
-        n = f.numel()
-        x = f if n <= ZERO_SAMPLE else f[:(n // chunks) * chunks].view(chunks, n // chunks)[:, :ZERO_CHUNK]
+        x = _chunks(f, ZERO_SAMPLE, ZERO_SAMPLE // ZERO_CHUNK)
         counts.append(torch.count_nonzero(x))
         sampled.append(float(x.numel()))
-        numel.append(float(n))
+        numel.append(float(f.numel()))
     nonzero = torch.stack(counts).float()
     sampled_t = torch.tensor(sampled, device=device)
     return (sampled_t - nonzero) / sampled_t.clamp(min=1.0) * torch.tensor(numel, device=device)
@@ -82,84 +108,190 @@ def unit_row_max(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> t
     return row_max
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _dead_units_numpy(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> np.ndarray | None:
+    """``DEAD_UNIT_RULE`` read in numpy (a CPU tensor: no copy); None where numpy cannot view it."""
+    if weight_grad.dtype not in _NUMPY_DTYPES or (bias_grad is not None and bias_grad.dtype not in _NUMPY_DTYPES):
+        return None
+    rows = weight_grad.detach().flatten(1).numpy()
+    if bias_grad is None:
+        return ~rows.any(axis=1)
+    suspect = np.flatnonzero(bias_grad.detach().numpy() == 0)
+    dead = np.zeros(rows.shape[0], dtype=bool)
+    if suspect.size:
+        dead[suspect] = ~rows[suspect].any(axis=1)
+    return dead
+
+
+def _dead(built) -> list:
+    dead = [None] * built.n_layers
+    if built.sharding.active:  # units are split across ranks when sharded
+        return dead
+    owners, row_max = [], []
+    for i, (weight, bias) in built.layout.unit_param.items():
+        g = weight.grad
+        if g is None:
+            continue
+        b = None if bias is None else bias.grad
+        if g.device.type == "cpu" and type(g) is torch.Tensor and (b is None or type(b) is torch.Tensor):
+            dead[i] = _dead_units_numpy(g, b)
+            if dead[i] is not None:
+                continue
+        owners.append(i)
+        row_max.append(unit_row_max(g.detach(), b))
+    if owners:  # one copy to the host for every layer
+        flat = torch.cat([r.to(built.device) for r in row_max]).cpu().numpy()
+        bounds = np.cumsum([0] + [r.numel() for r in row_max])
+        for i, a, z in zip(owners, bounds[:-1], bounds[1:]):
+            dead[i] = pipeline.dead_units(flat[a:z])
+    return dead
+
+
+class Extras:
+    """What the log-step extras read, fixed while the layout, the parameters' storage and the set
+    of gradients stay: the logged parameters and the update sample's views and segments."""
+
+    def __init__(self, built):
+        params = built.layout.params
+        self.key = _storage_key(params)
+        present = [p for p, ok in zip(params, built.present) if ok]
+        logged = set(built.pipeline.logged.tolist())
+        owner = built.idx_t.tolist()
+        self.pick = [j for j, layer in enumerate(owner) if layer in logged]
+        self.measured = np.isin(np.arange(built.n_layers), list(logged))
+        plain = not built.sharding.active and all(type(p) is torch.Tensor or type(p) is torch.nn.Parameter
+                                                  for p in params)
+        with torch.no_grad():
+            self.weights = [real_view(local(p.detach())) for p in present]
+            flats = [real_view(local(p.detach())).reshape(-1) for p in params]
+        # the update sample: large parameters as (UPDATE_CHUNKS, k) views, small ones whole
+        count = pipeline.UPDATE_SAMPLE
+        self.large = [j for j, f in enumerate(flats) if f.numel() >= 2 * count]
+        self.small = [j for j, f in enumerate(flats) if f.numel() < 2 * count]
+        self.large_views = [_drifting_chunks(flats[j], count, UPDATE_CHUNKS) for j in self.large]
+        self.small_views = [flats[j] for j in self.small]
+        self.large_size = sum(v.numel() for v in self.large_views)
+        self.one_device = all(f.device == built.device for f in flats)
+        self.stable = plain  # views of DTensor shards are taken afresh each time
+        dev = built.device
+        sizes = [f.numel() for f in self.small_views]
+        self.small_owner = torch.repeat_interleave(torch.arange(len(sizes), device=dev),
+                                                   torch.tensor(sizes, device=dev, dtype=torch.long))
+        n_sampled = [count if f.numel() >= 2 * count else f.numel() for f in flats]
+        factor = [pipeline.update_sq_from_sample(1.0, f.numel(), c) for f, c in zip(flats, n_sampled)]
+        order = self.large + self.small
+        self.factor = torch.tensor([factor[j] for j in order], device=dev)
+        self.layer_of = torch.tensor([built.layout.param_layer[j] for j in order], device=dev, dtype=torch.long)
+        self.positions = torch.tensor(order, device=dev, dtype=torch.long)
+        self.per_large = (count // UPDATE_CHUNKS) * UPDATE_CHUNKS
+        self.same_dtype = all(f.dtype == torch.float32 for f in flats)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def sample(self, into: str | None = None) -> torch.Tensor:
+        """The update sample now: one float32 vector, large parameters' chunks first. ``into``
+        names a buffer kept here and reused (a fresh multi-megabyte allocation each log step costs
+        its page faults on a CPU)."""
+        dev = self.small_owner.device
+        buf = self._buffers.get(into) if into else None
+        if buf is None:
+            buf = torch.empty(self.large_size + self.small_owner.numel(), device=dev)
+            if into:
+                self._buffers[into] = buf
+        large = [v.to(dev) for v in self.large_views] if not self.one_device else self.large_views
+        small = [v.to(dev) for v in self.small_views] if not self.one_device else self.small_views
+        if self.same_dtype:  # straight into the buffer
+            if large:
+                torch.cat(large, out=buf[:self.large_size].view(-1, large[0].shape[1]))
+            if small:
+                torch.cat(small, out=buf[self.large_size:])
+        else:
+            if large:
+                buf[:self.large_size].copy_(torch.cat([v.float() for v in large]).reshape(-1))
+            if small:
+                buf[self.large_size:].copy_(torch.cat([v.float() for v in small]))
+        return buf
+
+    def per_param_sq(self, diff_sq: torch.Tensor) -> torch.Tensor:
+        """Segment sums of a sample-shaped vector, in ``large + small`` order."""
+        out = []
+        if self.large_views:
+            out.append(diff_sq[:self.large_size].view(len(self.large_views), self.per_large).sum(dim=1))
+        if self.small_views:
+            out.append(torch.zeros(len(self.small_views), device=diff_sq.device)
+                       .index_add_(0, self.small_owner, diff_sq[self.large_size:]))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _storage_key(params) -> tuple:
+    """Changes when a parameter's storage is replaced (``p.data = ...``, ``model.to(...)``)."""
+    try:
+        return tuple(p.data_ptr() for p in params)
+    except Exception:  # a tensor subclass without storage
+        return ()
+
+
+def extras(built) -> Extras:
+    """The cached ``Extras`` of ``built`` (rebuilt when something it holds went stale)."""
+    e = built.extras
+    if e is None or not e.stable or e.key != _storage_key(built.layout.params) or not e.key:
+        e = built.extras = Extras(built)
+    return e
+
+
 def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms: bool) -> pipeline.LayerSums:
     has = built.has_t.cpu().numpy() > 0
     norm_sq = layer_sq.cpu().numpy().astype(np.float64)
     with torch.no_grad():
-        dense = [local(g) for g in grads if not g.is_sparse]
+        dense = [local(g) for g in grads if not g.is_sparse] if not built.plain_grads else grads
         if len(dense) != len(grads):  # sparse gradients: norms only
             return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq)
-        L = built.n_layers
+        ex = extras(built)
         # max-abs and zero counts only feed the logged keys: take them for the logged layers only
-        logged = set(built.pipeline.logged.tolist())
-        owner = built.idx_t.tolist()
-        pick = [j for j, layer in enumerate(owner) if layer in logged]
-        sub = [dense[j].abs() if dense[j].is_complex() else dense[j] for j in pick]
-        max_abs = per_layer(built, _max_abs(sub), "amax", pick)
-        zeros = per_layer(built, _zero_count(sub, built.device), "sum", pick)
-        measured = np.isin(np.arange(L), list(logged))
-        present = [p for p, ok in zip(built.layout.params, built.present) if ok]
-        w_sq = torch.stack(torch._foreach_norm([real_view(local(p.detach())) for p in present], 2,
-                                               dtype=torch.float32)).square()
+        sub = [dense[j].abs() if dense[j].is_complex() else dense[j] for j in ex.pick]
+        max_abs = per_layer(built, _max_abs(sub), "amax", ex.pick)
+        zeros = per_layer(built, _zero_count(sub, built.device), "sum", ex.pick)
+        w_sq = torch.stack(torch._foreach_norm(ex.weights, 2, dtype=torch.float32)).square()
         weight_sq = per_layer(built, w_sq)
-        dead = [None] * L
-        if not built.sharding.active:  # units are split across ranks when sharded
-            owners, row_max = [], []
-            for i, (weight, bias) in built.layout.unit_param.items():
-                if weight.grad is not None:
-                    owners.append(i)
-                    row_max.append(unit_row_max(weight.grad.detach(), None if bias is None else bias.grad))
-            if owners:  # one copy to the host for every layer
-                flat = torch.cat([r.to(built.device) for r in row_max]).cpu().numpy()
-                bounds = np.cumsum([0] + [r.numel() for r in row_max])
-                for i, a, z in zip(owners, bounds[:-1], bounds[1:]):
-                    dead[i] = pipeline.dead_units(flat[a:z])
+        dead = _dead(built)
         hist = None
         if histograms:
             hist = {}
+            owner = built.idx_t.tolist()
             for i in built.pipeline.logged:
                 gs = [real_view(g.detach()).float().flatten() for g, l in zip(dense, owner) if l == i]
                 if gs:
                     hist[int(i)] = pipeline.histogram(torch.cat(gs).cpu().numpy())
-        nan = np.full(L, np.nan)
-        return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq, max_abs=np.where(measured, max_abs, nan),
-                                  zeros=np.where(measured, zeros, nan), weight_sq=weight_sq, dead=dead,
+        nan = np.full(built.n_layers, np.nan)
+        return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq, max_abs=np.where(ex.measured, max_abs, nan),
+                                  zeros=np.where(ex.measured, zeros, nan), weight_sq=weight_sq, dead=dead,
                                   histograms=hist)
 
 
 class UpdateSample:
-    """A sample of each parameter taken before the optimizer runs on a log step (the core's
-    ``sample_plan``), so the update it applies can be measured without a full copy of the weights.
-    Batched: one concatenated sample, one subtract/square and one segment sum for all parameters
-    (a few ops per parameter in all, not a few per parameter each)."""
+    """A sample of each parameter taken before the optimizer runs on a log step (``UPDATE_CHUNKS``
+    evenly spread chunks of ``pipeline.UPDATE_SAMPLE`` elements, the whole of smaller ones), so
+    the update it applies can be measured without a full copy of the weights; scaled up by the
+    core's ``update_sq_from_sample``. Batched: one concatenated sample, one subtract/square and
+    one segment sum for all parameters."""
 
     def __init__(self, built):
         self._built = built
-        params = built.layout.params
         with torch.no_grad():
-            flats = [real_view(local(p.detach())).reshape(-1) for p in params]
-            self._plan = pipeline.sample_plan([f.numel() for f in flats])
-            self._before = self._take(flats)
-            dev = self._before.device
-            counts = torch.tensor([count for _, count in self._plan], device=dev)
-            self._owner = torch.repeat_interleave(torch.arange(len(params), device=dev), counts)
-            # the core's estimate, per parameter: sample_sq * numel / count
-            self._factor = torch.tensor([pipeline.update_sq_from_sample(1.0, f.numel(), count)
-                                         for f, (_, count) in zip(flats, self._plan)], device=dev)
-
-    def _take(self, flats) -> torch.Tensor:
-        dev = self._built.device  # (a model spread over devices: the samples meet on the layout's)
-        return torch.cat([f[::stride].float().to(dev) for f, (stride, _) in zip(flats, self._plan)])
+            self._extras = extras(built)
+            self._before = self._extras.sample(into="before")
 
     def applied_sq(self) -> np.ndarray:
         """Per layer, the squared norm of the update the optimizer applied since the sample."""
         b = self._built
         with torch.no_grad():
-            after = self._take([real_view(local(p.detach())).reshape(-1) for p in b.layout.params])
-            diff_sq = (after - self._before).square()
-            per_param = torch.zeros(len(self._factor), device=diff_sq.device).index_add_(0, self._owner, diff_sq)
-            sq = (per_param * self._factor).to(b.device)
-            every = torch.arange(len(b.layout.params), device=b.device)
-            out = torch.zeros(b.n_layers, device=b.device).index_add_(0, b.param_layer_t, b.sharding.share(sq, every))
+            ex = extras(b)
+            if ex is not self._extras:  # the storage moved during the step: nothing comparable
+                return np.full(b.n_layers, np.nan)
+            diff_sq = ex.sample(into="after").sub_(self._before).square_()
+            sq = (ex.per_param_sq(diff_sq) * ex.factor).to(b.device)
+            out = torch.zeros(b.n_layers, device=b.device).index_add_(0, ex.layer_of,
+                                                                      b.sharding.share(sq, ex.positions))
             b.sharding.reduce(out)
         return out.cpu().numpy().astype(np.float64)

@@ -649,9 +649,10 @@ def test_the_accelerator_path_trains_exactly_like_the_cpu_path(monkeypatch):
 
 @pytest.mark.parametrize("accelerator", [False, True])
 def test_log_step_extras_match_a_direct_measurement(accelerator):
-    """What a log step measures against the same quantities computed directly: exact max-abs,
-    weight norms and dead units (with and without a bias: both sides of the rule), the zero share
-    within its sampling error, and the sampled update norm within a few percent of the exact one."""
+    """What a log step measures against the same quantities computed directly: exact max-abs and
+    dead units (with and without a bias: both sides of the rule), weight norms exact below 8192
+    elements, and the sampled estimates (zero share, weight norms of larger tensors, the update)
+    within a few percent."""
     import numpy as np
 
     torch.manual_seed(0)
@@ -688,7 +689,8 @@ def test_log_step_extras_match_a_direct_measurement(accelerator):
         w = torch.cat([before[n].flatten() for n in own])
         u = torch.cat([(dict(model.named_parameters())[n].detach() - before[n]).flatten() for n in own])
         assert snap.max_abs[i] == g.abs().max().item(), name
-        assert snap.weight_norm[i] == pytest.approx(w.norm().item(), rel=1e-5), name
+        sampled = max(before[n].numel() for n in own) >= 8192  # weight norms estimated from the sample
+        assert snap.weight_norm[i] == pytest.approx(w.norm().item(), rel=0.02 if sampled else 1e-5), name
         assert snap.zero_frac[i] == pytest.approx((g == 0).float().mean().item(), abs=0.02), name
         assert snap.update_norm[i] == pytest.approx(u.norm().item(), rel=0.05), name
     dead = {names[i]: d for i, d in enumerate(snap.dead_units) if d is not None}

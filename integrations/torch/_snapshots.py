@@ -1,6 +1,8 @@
 """Log-step measurements on the device -> ``gradguard.pipeline.LayerSums`` (the core assembles the
-``Snapshot``): max-abs and zero counts for the logged layers, weight norms, dead units (the core's
-``DEAD_UNIT_RULE``), histograms, and the update the optimizer applied (the core's sampling rule).
+``Snapshot``): max-abs (exact) and zero counts (sampled) for the logged layers, weight norms and the
+update the optimizer applied (from one weight sample: exact for tensors under
+``2 * pipeline.UPDATE_SAMPLE`` elements, estimated above), dead units (the core's
+``DEAD_UNIT_RULE``, exact), histograms.
 
 What can be fixed once per layout (which parameters are logged, the update sample's views and
 segments) is kept in ``Extras``, rebuilt when the parameters, their storage or the set of gradients
@@ -38,8 +40,9 @@ fraction, so 65k elements estimate it to ~0.2%; contiguous chunks keep the count
 strided element-by-element sample is ~10x slower per element on a CPU)."""
 
 UPDATE_CHUNKS = 256
-"""The update sample of a parameter of at least twice ``pipeline.UPDATE_SAMPLE`` elements: that
-many as ``UPDATE_CHUNKS`` contiguous chunks (16 float32 elements: one cache line) spread evenly over it. A
+"""The weight sample of a parameter of at least twice ``pipeline.UPDATE_SAMPLE`` elements (for its
+weight norm and its update's; smaller ones are read whole, exactly): that many elements as
+``UPDATE_CHUNKS`` contiguous chunks (16 float32 elements: one cache line) spread evenly over it. A
 sample strided element by element touches every cache line of a tensor whose stride is under 16:
 on a CPU it read the whole of the weights, twice per log step."""
 
@@ -151,12 +154,12 @@ def _dead(built) -> list:
 
 class Extras:
     """What the log-step extras read, fixed while the layout, the parameters' storage and the set
-    of gradients stay: the logged parameters and the update sample's views and segments."""
+    of gradients stay: the logged parameters and the weight sample's views and segments (the
+    sample gives the weight norms and, compared after the optimizer step, the update's)."""
 
     def __init__(self, built):
         params = built.layout.params
         self.key = _storage_key(params)
-        present = [p for p, ok in zip(params, built.present) if ok]
         logged = set(built.pipeline.logged.tolist())
         owner = built.idx_t.tolist()
         self.pick = [j for j, layer in enumerate(owner) if layer in logged]
@@ -164,7 +167,6 @@ class Extras:
         plain = not built.sharding.active and all(type(p) is torch.Tensor or type(p) is torch.nn.Parameter
                                                   for p in params)
         with torch.no_grad():
-            self.weights = [real_view(local(p.detach())) for p in present]
             flats = [real_view(local(p.detach())).reshape(-1) for p in params]
         # the update sample: large parameters as (UPDATE_CHUNKS, k) views, small ones whole
         count = pipeline.UPDATE_SAMPLE
@@ -223,6 +225,12 @@ class Extras:
                        .index_add_(0, self.small_owner, diff_sq[self.large_size:]))
         return torch.cat(out) if len(out) > 1 else out[0]
 
+    def layer_sums(self, built, per_param: torch.Tensor) -> np.ndarray:
+        """Per-parameter values in ``large + small`` order summed per layer, over every shard."""
+        sq = built.sharding.share(per_param.to(built.device), self.positions)
+        out = torch.zeros(built.n_layers, device=built.device).index_add_(0, self.layer_of, sq)
+        return built.sharding.reduce(out).cpu().numpy().astype(np.float64)
+
 
 def _storage_key(params) -> tuple:
     """Changes when a parameter's storage is replaced (``p.data = ...``, ``model.to(...)``)."""
@@ -252,8 +260,8 @@ def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms
         sub = [dense[j].abs() if dense[j].is_complex() else dense[j] for j in ex.pick]
         max_abs = per_layer(built, _max_abs(sub), "amax", ex.pick)
         zeros = per_layer(built, _zero_count(sub, built.device), "sum", ex.pick)
-        w_sq = torch.stack(torch._foreach_norm(ex.weights, 2, dtype=torch.float32)).square()
-        weight_sq = per_layer(built, w_sq)
+        # weight norms from the update sample: exact below 2 * UPDATE_SAMPLE elements, estimated above
+        weight_sq = ex.layer_sums(built, ex.per_param_sq(ex.sample(into="weights").square_()) * ex.factor)
         dead = _dead(built)
         hist = None
         if histograms:
@@ -290,8 +298,4 @@ class UpdateSample:
             if ex is not self._extras:  # the storage moved during the step: nothing comparable
                 return np.full(b.n_layers, np.nan)
             diff_sq = ex.sample(into="after").sub_(self._before).square_()
-            sq = (ex.per_param_sq(diff_sq) * ex.factor).to(b.device)
-            out = torch.zeros(b.n_layers, device=b.device).index_add_(0, ex.layer_of,
-                                                                      b.sharding.share(sq, ex.positions))
-            b.sharding.reduce(out)
-        return out.cpu().numpy().astype(np.float64)
+            return ex.layer_sums(b, ex.per_param_sq(diff_sq) * ex.factor)

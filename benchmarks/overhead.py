@@ -15,7 +15,8 @@
 (c) Whole training steps (forward, backward, Adam): plain, GradGuard at its defaults, and
     ``wandb.watch(log="gradients", log_freq=1)`` in offline mode. Target: defaults within 5%.
 
-    python benchmarks/overhead.py [--quick] [--device cuda] [--threads N] [--skip-sweep] [--skip-train] [--only NAME]
+    python benchmarks/overhead.py [--quick] [--device cuda] [--threads N] [--cpu-time] [--skip-sweep] [--skip-train]
+                                  [--only NAME]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import nn
 from gradguard.torch import GradGuard
 
 DEVICE = torch.device("cpu")
+CLOCK = time.perf_counter  # --cpu-time: time.process_time (steadier on a shared machine, with --threads 1)
 
 
 def sync():
@@ -119,10 +121,10 @@ def timed_block(fn, n, restore):
     total = 0.0
     for _ in range(n):
         sync()
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
         sync()
-        total += time.perf_counter() - t
+        total += CLOCK() - t
         restore()
     return total / n
 
@@ -172,10 +174,10 @@ def per_call_costs(model, x, reps, n, fused=False):
     split = {True: [], False: []}
     for _ in range(2 * 50):
         sync()
-        t = time.perf_counter()
+        t = CLOCK()
         step_monitor()
         sync()
-        split[monitor.engine._log_step].append(time.perf_counter() - t)
+        split[monitor.engine._log_step].append(CLOCK() - t)
         restore()
     times["log step alone"] = [statistics.median(split[True])]
     times["non-log step alone"] = [statistics.median(split[False])]
@@ -288,17 +290,21 @@ def training_costs(model, x_fn, reps, n):
 
 
 def main():
-    global DEVICE
+    global DEVICE, CLOCK
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--only", default="", help="substring of the model names to run in (a)")
+    parser.add_argument("--cpu-time", action="store_true", help="time by the process's CPU time, not the wall "
+                        "clock: steadier while other jobs share the cores (use with --threads 1; CPU only)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is "
                         "far steadier on a loaded machine (OpenMP barriers stall when a core is taken)")
     args = parser.parse_args()
     DEVICE = torch.device(args.device)
+    if args.cpu_time:
+        CLOCK = time.process_time
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     reps, n = (3, 50) if args.quick else (7, 100)  # n=100: two log steps per timed block
@@ -306,7 +312,8 @@ def main():
     warnings.simplefilter("ignore")
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; median of {reps} interleaved blocks of {n} calls; "
-          f"load average at start {os.getloadavg()[0]:.1f}\n")
+          f"{'process CPU time' if args.cpu_time else 'wall clock'}; load average at start "
+          f"{os.getloadavg()[0]:.1f}\n")
     if DEVICE.type == "cpu":
         g = [torch.randn(1024, 1024) for _ in range(8)]
         one = torch.ones(())
@@ -332,6 +339,7 @@ def main():
             for k, v in costs.items():
                 print(f"    {k:46s} {v * 1e3:9.2f} ms {v / base:7.3f}x")
             print()
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

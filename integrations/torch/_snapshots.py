@@ -71,7 +71,9 @@ def _drifting_chunks(flat: torch.Tensor, count: int, chunks: int) -> torch.Tenso
 
 def _max_abs(grads: list[torch.Tensor]) -> torch.Tensor:
     """Per tensor max |g|, exact. On a CPU ``aminmax`` is one vectorised pass (the inf-norm
-    reduction is not, ~10x slower); an accelerator's ``_foreach_norm(inf)`` is one fused kernel."""
+    reduction is not, ~10x slower; numpy's max and min are two passes over memory the norm pass
+    has already pushed out of the caches); an accelerator's ``_foreach_norm(inf)`` is one fused
+    kernel."""
     if grads and grads[0].device.type == "cpu":
         lo, hi = zip(*[torch.aminmax(g) if g.numel() else (torch.zeros(()),) * 2 for g in grads])
         # (+0.0 turns an all-zero tensor's -0.0 into 0.0)

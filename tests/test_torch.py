@@ -700,3 +700,38 @@ def test_log_step_extras_match_a_direct_measurement(accelerator):
     assert dead["2"][:40].all() and dead["4"][:24].all() and not dead["7"].any()
     # the update sample's chunks are tested on the embedding and on layer 4 (40 dead input columns)
     assert model[0].weight.numel() > 8192 and model[4].weight.numel() > 8192
+
+
+@pytest.mark.parametrize("clip", [None, 0.5, "auto"])
+def test_the_cpu_bookkeeping_deferred_gives_the_same_verdicts_and_state(clip):
+    """``clip=None`` and a fixed max norm: the verdict at once, the rest of the step later (up to
+    DEFER_MAX steps, or at the next read of the state), bit-identical to the step run at once:
+    NaN steps, clipped steps, reads and a window reset in between."""
+    import numpy as np
+
+    from gradguard import stats
+    from gradguard.ops import numpy_ops
+    from gradguard.torch import _fused
+
+    policy = gradguard.options.Options.of("GradGuard", {"clip": clip}).policy
+    tracker = stats.TrackerConfig()
+    ref = stats.init_state(7, policy, trace_size=256)
+    step = _fused.NumpyStep(ref, policy, tracker)
+    assert step._defer == (clip != "auto")
+    rng = np.random.default_rng(1)
+    has_t, verdicts = torch.ones(7), []
+    for i in range(300):
+        sq = (rng.random(7) * (1e4 if i % 37 == 36 else 1.0)).astype(np.float32)
+        if i % 50 == 49:
+            sq[2] = np.nan
+        scale, finite, ref = stats.device_step(ref, sq, np.ones(7, np.float32), policy, numpy_ops, tracker)
+        assert step(torch.from_numpy(sq.copy()), has_t) == (float(scale), float(finite)), i
+        if i % 90 == 89 or i % 41 == 40:  # a read (a log step, peek) and, sometimes, a window reset
+            host = step.host()
+            assert all(np.array_equal(host[k], np.asarray(ref[k], np.float32), equal_nan=True) for k in ref), i
+            if i % 90 == 89:
+                step.write(stats.reset_window(7))
+                ref = {**ref, **stats.reset_window(7)}
+        verdicts.append((float(scale), float(finite)))
+    assert sum(f == 0.0 for _, f in verdicts) == 6  # the NaN steps
+    assert (sum(s < 1.0 for s, _ in verdicts) > 100) == (clip == 0.5)  # and clipped steps when it clips

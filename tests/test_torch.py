@@ -704,9 +704,11 @@ def test_log_step_extras_match_a_direct_measurement(accelerator):
 
 @pytest.mark.parametrize("clip", [None, 0.5, "auto"])
 def test_the_cpu_bookkeeping_deferred_gives_the_same_verdicts_and_state(clip):
-    """``clip=None`` and a fixed max norm: the verdict at once, the rest of the step later (up to
-    DEFER_MAX steps, or at the next read of the state), bit-identical to the step run at once:
-    NaN steps, clipped steps, reads and a window reset in between."""
+    """``clip=None``, a fixed max norm and ``auto`` on quiet steps: the verdict at once, the rest of
+    the step later (up to DEFER_MAX steps, or before the next step that needs it whole, or at the
+    next read of the state), bit-identical to the step run at once: NaN steps, lone spikes (clipped
+    by auto on their own step), an overflow right after a spike that latches auto on, a sustained
+    excursion, reads and window resets."""
     import numpy as np
 
     from gradguard import stats
@@ -717,21 +719,29 @@ def test_the_cpu_bookkeeping_deferred_gives_the_same_verdicts_and_state(clip):
     tracker = stats.TrackerConfig()
     ref = stats.init_state(7, policy, trace_size=256)
     step = _fused.NumpyStep(ref, policy, tracker)
-    assert step._defer == (clip != "auto")
+    assert step._defer == ("quiet" if clip == "auto" else "always")
     rng = np.random.default_rng(1)
-    has_t, verdicts = torch.ones(7), []
-    for i in range(300):
-        sq = (rng.random(7) * (1e4 if i % 37 == 36 else 1.0)).astype(np.float32)
+    has_t, verdicts, deferred = torch.ones(7), [], 0
+    for i in range(400):
+        sq = (rng.random(7) * (1e4 if i % 37 == 36 or 300 <= i < 306 else 1.0)).astype(np.float32)
         if i % 50 == 49:
             sq[2] = np.nan
         scale, finite, ref = stats.device_step(ref, sq, np.ones(7, np.float32), policy, numpy_ops, tracker)
+        pending = len(step._pending)
         assert step(torch.from_numpy(sq.copy()), has_t) == (float(scale), float(finite)), i
+        deferred += len(step._pending) > pending
+        verdicts.append((float(scale), float(finite)))
         if i % 90 == 89 or i % 41 == 40:  # a read (a log step, peek) and, sometimes, a window reset
             host = step.host()
             assert all(np.array_equal(host[k], np.asarray(ref[k], np.float32), equal_nan=True) for k in ref), i
             if i % 90 == 89:
                 step.write(stats.reset_window(7))
                 ref = {**ref, **stats.reset_window(7)}
-        verdicts.append((float(scale), float(finite)))
-    assert sum(f == 0.0 for _, f in verdicts) == 6  # the NaN steps
-    assert (sum(s < 1.0 for s, _ in verdicts) > 100) == (clip == 0.5)  # and clipped steps when it clips
+    assert sum(f == 0.0 for _, f in verdicts) == 8  # the NaN steps
+    clipped = sum(s < 1.0 for s, _ in verdicts)
+    assert clipped > 100 if clip == 0.5 else (clipped > 10 if clip == "auto" else clipped == 0)
+    if clip == "auto":
+        # quiet steps waited; the NaN right after the spike at step 147 latched clipping on: nothing since
+        assert ref["clip_enabled"] == 1.0 and 100 < deferred < 150
+    else:
+        assert deferred == 400

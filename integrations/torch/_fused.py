@@ -20,6 +20,7 @@ Both give the same numbers (the core's tests check numpy == torch for ``device_s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import types
@@ -78,20 +79,24 @@ COMPILE_AFTER = 50  # eager steps before the background compile starts (short ru
 
 
 DEFER_MAX = 64  # steps whose bookkeeping may wait (see NumpyStep)
-# the built-in policies whose verdict needs no state the step itself moves: no clipping, a fixed max norm
-_DEFERRABLE = ("_keep", "fixed.<locals>.update")
+# The built-in policies whose verdict needs no state the step itself moves (no clipping, a fixed max
+# norm), and ``auto``, whose verdict is "no clipping" while its latch is open and the step is no
+# spike and no explosion (both need the norm at least sqrt(spike_factor) above the tracker's level).
+_DEFERRABLE = {"_keep": "always", "fixed.<locals>.update": "always", "auto.<locals>.update": "quiet"}
 _NO_SIGNALS = Signals(np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0))
 
 
 class NumpyStep:
     """The device step on a CPU device: numpy state, Python-float verdict.
 
-    With a policy whose verdict needs nothing the step moves (``clip=None``, a fixed max norm),
-    the step returns its verdict at once, computed as ``stats.device_step`` computes it, and keeps
-    the rest of the bookkeeping (window, tracker, trace) for later: it runs for up to
-    ``DEFER_MAX`` steps in a row, before any read of the state. Same numbers, same order; run
-    back to back, the ~100 small numpy operations of a step cost a fraction of what they cost
-    right after a pass over the gradients has pushed them out of the caches."""
+    Where the verdict needs nothing the step moves (``clip=None``, a fixed max norm, and ``auto``
+    on a quiet step: latch open, the norm within sqrt(spike_factor) of the lowest level the tracker
+    can have reached) the step returns its verdict at once, computed by ``stats.device_step``'s own
+    expressions, and keeps the rest of the bookkeeping (window, tracker, trace) for later: it runs
+    for up to ``DEFER_MAX`` steps in a row, before any other step and any read of the state. Same
+    numbers, same order; run back to back, the ~100 small numpy operations of a step cost a
+    fraction of what they cost right after a pass over the gradients has pushed them out of the
+    caches."""
 
     path = "numpy (cpu)"
     reads_free = True
@@ -101,31 +106,50 @@ class NumpyStep:
         self._policy, self._tracker = policy, tracker
         self._has: tuple[torch.Tensor, np.ndarray] | None = None
         update = policy.update
-        self._defer = (policy.latch is None and getattr(update, "__module__", None) == "gradguard.clipping"
-                       and getattr(update, "__qualname__", None) in _DEFERRABLE)
+        self._defer = _DEFERRABLE.get(getattr(update, "__qualname__", None)) if getattr(
+            update, "__module__", None) == "gradguard.clipping" else None
+        self._latch = stats.latch_key(policy)
+        if self._defer == "always" and self._latch is not None:
+            self._defer = None
+        self._quiet_jump = 0.5 * math.log(tracker.spike_factor) - 1e-3  # (margin: float32 rounding)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_min_x = math.inf
         self._pol_state = None
 
     def __call__(self, layer_sq: torch.Tensor, has_t: torch.Tensor) -> tuple[float, float]:
         if self._has is None or self._has[0] is not has_t:
             self._has = (has_t, has_t.numpy().astype(np.float32))
-        if self._defer:
-            sq = layer_sq.numpy()
-            self._pending.append((sq, self._has[1]))
-            if len(self._pending) >= DEFER_MAX:
-                self._flush()
-            return self._verdict(sq)
-        scale, finite, self._state_now = stats.device_step(self._state_now, layer_sq.numpy(), self._has[1],
-                                                           self._policy, fast_numpy_ops, self._tracker)
+        sq = layer_sq.numpy()
+        if self._defer is not None:
+            verdict = self._verdict(sq)
+            if verdict is not None:
+                self._pending.append((sq, self._has[1]))
+                if len(self._pending) >= DEFER_MAX:
+                    self._flush()
+                return verdict
+            self._flush()
+        scale, finite, self._state_now = stats.device_step(self._state_now, sq, self._has[1], self._policy,
+                                                           fast_numpy_ops, self._tracker)
         return float(scale), float(finite)
 
-    def _verdict(self, layer_sq: np.ndarray) -> tuple[float, float]:
-        """``device_step``'s scale and finite flag, by its own expressions (a deferrable policy's
-        threshold depends on its constant state only)."""
+    def _verdict(self, layer_sq: np.ndarray) -> tuple[float, float] | None:
+        """``device_step``'s scale and finite flag, by its own expressions, or None when this step
+        needs the whole step now."""
         xp = fast_numpy_ops
         norm = xp.sqrt(xp.sum(layer_sq))
         finite = xp.asfloat(xp.isfinite(norm))
         gnorm = xp.where(finite > 0, norm, 0.0)
+        if self._defer == "quiet":
+            if not finite or float(self._state_now[self._latch]) > 0:
+                return None
+            x = math.log(max(float(gnorm), 1e-30))
+            # The tracker's level after the pending steps is at least the lowest of its level now and
+            # their log norms (an EMA of values each at least min(level, x)): below sqrt(spike_factor)
+            # above that, this step is neither a spike nor elevated, so no explosion: threshold inf.
+            if x - min(float(self._state_now["trk_mean"]), self._pending_min_x) >= self._quiet_jump:
+                return None
+            self._pending_min_x = min(self._pending_min_x, x)
+            return 1.0, 1.0
         if self._pol_state is None:  # (constant for these policies until the state is written)
             n = len(stats.POLICY_PREFIX)
             fields = {k[n:]: v for k, v in self._state_now.items() if k.startswith(stats.POLICY_PREFIX)}
@@ -136,7 +160,7 @@ class NumpyStep:
         return float(scale), float(finite)
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._pending_min_x = self._pending, [], math.inf
         for sq, has in pending:
             _, _, self._state_now = stats.device_step(self._state_now, sq, has, self._policy, fast_numpy_ops,
                                                       self._tracker)

@@ -82,7 +82,9 @@ def unit_row_max(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> t
     return row_max
 
 
-def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms: bool) -> pipeline.LayerSums:
+def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms: bool,
+            unscale: float = 1.0) -> pipeline.LayerSums:
+    """``layer_sq`` is already unscaled; ``unscale`` undoes a loss scale still on ``grads``."""
     has = built.has_t.cpu().numpy() > 0
     norm_sq = layer_sq.cpu().numpy().astype(np.float64)
     with torch.no_grad():
@@ -95,7 +97,7 @@ def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms
         owner = built.idx_t.tolist()
         pick = [j for j, layer in enumerate(owner) if layer in logged]
         sub = [dense[j].abs() if dense[j].is_complex() else dense[j] for j in pick]
-        max_abs = per_layer(built, _max_abs(sub), "amax", pick)
+        max_abs = per_layer(built, _max_abs(sub), "amax", pick) * unscale
         zeros = per_layer(built, _zero_count(sub, built.device), "sum", pick)
         measured = np.isin(np.arange(L), list(logged))
         present = [p for p, ok in zip(built.layout.params, built.present) if ok]
@@ -120,7 +122,7 @@ def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms
             for i in built.pipeline.logged:
                 gs = [real_view(g.detach()).float().flatten() for g, l in zip(dense, owner) if l == i]
                 if gs:
-                    hist[int(i)] = pipeline.histogram(torch.cat(gs).cpu().numpy())
+                    hist[int(i)] = pipeline.histogram(torch.cat(gs).cpu().numpy() * unscale)
         nan = np.full(L, np.nan)
         return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq, max_abs=np.where(measured, max_abs, nan),
                                   zeros=np.where(measured, zeros, nan), weight_sq=weight_sq, dead=dead,

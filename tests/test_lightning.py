@@ -233,6 +233,30 @@ def test_bf16_mixed_measures_and_skips(tmp_path):
     assert norms[3] == pytest.approx(module.ref_norms[3], rel=1e-5)  # fp32 gradients of the bf16 forward
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adam_fused"])
+def test_16_mixed_with_a_grad_scaler_measures_the_unscaled_gradients(tmp_path, optimizer):
+    """A real GradScaler under Lightning's 16-mixed plugin (on the CPU): a fused optimizer's gradients
+    are still scaled when the hook runs; the logged norm is the unscaled one either way, and a poisoned
+    step is skipped without breaking the scaler."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    module = Classifier(relu_mlp(), lr=1e-3, optimizer=optimizer, poison=[(0, 9, None)])
+    callback = GradGuardCallback(clip=None, log_every_n_steps=4)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    tr = fit(tmp_path, module, callback, plugins=[plugin])
+
+    assert tr.global_step == 16 and all(torch.isfinite(p).all() for p in module.parameters())
+    assert module.update_norms[9] == 0 and module.update_norms[10] > 0
+    assert callback.skipped_steps == 1
+    norms = csv_series(csv_rows(tr), "grad/norm/global")
+    # the hook (ref_norms) saw the fused optimizer's gradients scaled: by 1024, then by 512 once the
+    # scaler backed off at the poisoned step (it saw that step's gradients non-finite)
+    scales = {3: 1024.0, 7: 1024.0, 15: 512.0} if optimizer == "adam_fused" else {3: 1.0, 7: 1.0, 15: 1.0}
+    for step, scale in scales.items():
+        assert norms[step] == pytest.approx(module.ref_norms[step] / scale, rel=1e-4), step
+    assert float(plugin.scaler.get_scale()) == 512.0  # the scaler saw the poisoned step and backed off, once
+
+
 class CountSyncs(TorchDispatchMode):
     """Counts device-to-host reads (``_local_scalar_dense``: item/bool/float)."""
 

@@ -341,6 +341,51 @@ def test_a_fused_optimizer_skips_a_nonfinite_step_on_the_device(attach):
     assert guard.skipped_steps == 1 and guard.totals["nonfinite"] == 1 and guard.totals["clipped"] >= 4
 
 
+@pytest.mark.parametrize("host_reads_free", [None, False])
+@pytest.mark.parametrize("clip", [0.05, "agc"])
+def test_a_grad_scaler_driving_a_fused_optimizer_is_measured_and_clipped_unscaled(host_reads_free, clip):
+    """GradScaler leaves a fused optimizer's gradients scaled (its kernel divides by ``grad_scale``):
+    gradguard measures and clips the unscaled gradients, so norms, max-abs and weights match a run
+    without a scaler (the accelerator path, forced, also hands its clip factor to the kernel)."""
+
+    def run(scaler):
+        torch.manual_seed(0)
+        model = mlp(3, init=he)
+        logged = []
+
+        class Keep(gradguard.Sink):
+            def log(self, record):
+                logged.append({k: v for k, v in record.scalars.items() if k.startswith("grad/")})
+
+        guard = GradGuard(model, clip=clip, log_every_n_steps=2, sinks=Keep())
+        guard.engine.host_reads_free = host_reads_free
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+        guard.attach(opt)
+        x, y = digits(64)
+        for _ in range(6):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        return logged, list(model.parameters()), guard.totals
+
+    plain, plain_w, plain_totals = run(None)
+    scaled, scaled_w, scaled_totals = run(torch.amp.GradScaler("cpu", init_scale=1024.0))
+    assert len(scaled) == len(plain) == 3
+    for a, b in zip(plain, scaled):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-9), k
+    for p, q in zip(plain_w, scaled_w):
+        torch.testing.assert_close(p, q)
+    assert scaled_totals == plain_totals and (clip == "agc" or plain_totals["clipped"] == 6)
+
+
 # ------------------------------------------------------------------------------- state, sinks, arguments
 
 

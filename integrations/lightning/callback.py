@@ -331,7 +331,8 @@ class GradGuardCallback(*_callback_bases()):
             return
         if self._in_step is not None:  # several optimizer steps in one batch (manual optimization)
             self._finish_step()
-        self._in_step = self._engine.before_step(self._fused_gate_optimizer(trainer, optimizer))
+        self._in_step = self._engine.before_step(self._fused_gate_optimizer(trainer, optimizer),
+                                                 loss_scale=_pending_loss_scale(trainer, optimizer))
 
     @staticmethod
     def _fused_gate_optimizer(trainer: Any, optimizer: Any) -> Any:
@@ -428,3 +429,19 @@ def _overrides(pl_module: Any, method: str) -> bool:
         if method in cls.__dict__:
             return not cls.__module__.startswith(("pytorch_lightning.", "lightning.pytorch."))
     return False
+
+
+def _pending_loss_scale(trainer: Any, optimizer: Any) -> torch.Tensor | None:
+    """Under a ``GradScaler`` (16-mixed) Lightning unscales the gradients before this hook, except for
+    an optimizer that unscales inside its own kernel (``fused=True``): its gradients are still
+    multiplied by the scaler's scale here, so the engine is given that scale to measure them unscaled.
+    (``GradScaler`` keeps it in ``_scale``; ``get_scale()`` would wait for the device.)"""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None:
+        return None
+    if _is(optimizer, "LightningOptimizer"):
+        optimizer = optimizer.optimizer
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None  # unscaled already (GradScaler.unscale_ ran before this hook)
+    scale = getattr(scaler, "_scale", None)
+    return scale if torch.is_tensor(scale) else torch.tensor(float(scaler.get_scale()))

@@ -265,7 +265,8 @@ class TorchEngine:
         sq = b.sharding.share(torch.stack(norms).square(), b.present_idx_t)
         return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
 
-    def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    def before_step(self, optimizer: torch.optim.Optimizer | None = None,
+                    loss_scale: torch.Tensor | None = None) -> bool:
         """Measure, clip and gate the gradients now in ``.grad``. Returns False when the step must be
         skipped (non-finite gradients and ``skip_nonfinite``): the watched gradients are then set to
         None and the normalization statistics of this step's forward passes are put back.
@@ -274,7 +275,15 @@ class TorchEngine:
         a device-side ``found_inf``/``grad_scale`` the way ``GradScaler`` drives it), a non-log step
         on an accelerator hands it the verdict and the clip factor instead of reading them: no host
         sync; the optimizer then skips a non-finite update itself (weights, moments and its step
-        count unchanged), the gradients stay as they were, and this returns True."""
+        count unchanged), the gradients stay as they were, and this returns True.
+
+        ``loss_scale``: the factor the gradients are still multiplied by, passed by a host whose
+        ``GradScaler`` checks them after this call (Lightning's 16-mixed with an optimizer that
+        unscales inside its own kernel, ``fused=True``): a skipped step's gradients are then left
+        non-finite for the scaler to skip, not removed. Without it, a scale set on the optimizer by
+        ``GradScaler.step`` (``optimizer.grad_scale``: the hooks of ``attach`` run inside it) is used.
+        Statistics, the clip threshold and AGC see the unscaled gradients; the clip multiplies the
+        scaled ones."""
         if self._in_step:
             raise RuntimeError("gradguard: before_step() ran twice without after_step(): the same guard is "
                                "hooked twice into one optimizer step (attach() plus guard.step(), or two "
@@ -290,17 +299,23 @@ class TorchEngine:
         if not grads:
             return True
         layer_sq = self._layer_sq(b, grads)
+        scaler_checks_next = loss_scale is not None  # a host's scaler, yet to check the gradients
+        if loss_scale is None:
+            loss_scale = self._loss_scale_of(optimizer)
+        if loss_scale is not None:  # still multiplied by a GradScaler's loss scale: measure them unscaled
+            layer_sq = layer_sq / loss_scale.detach().to(layer_sq).square()
         scale, finite = b.step_fn(layer_sq, b.has_t)
         if self._log_step:
-            self._sums = _snapshots.measure(b, grads, layer_sq, self.histograms)
+            unscale = 1.0 if loss_scale is None else 1.0 / float(loss_scale)  # (a log step reads the host)
+            self._sums = _snapshots.measure(b, grads, layer_sq, self.histograms, unscale)
         if self.policy.unitwise is not None and self.clipping_allowed:
-            self._clip_unitwise(b, grads)
+            self._clip_unitwise(b, grads, loss_scale)
         may_clip = self.policy.scales_global and self.clipping_allowed
         if b.step_fn.reads_free:
             # A CPU device: the verdict is already a Python float; multiply by a float, only when clipping.
             self._set_gate("host read (cpu)" if self.skip_nonfinite else "none")
             if self.skip_nonfinite and finite == 0.0:
-                return self._skip(b)
+                return self._skip(b, grads, scaler_checks_next)
             if may_clip and scale < 1.0:
                 torch._foreach_mul_(grads, scale)
         elif self.skip_nonfinite and not self._log_step and _takes_found_inf(optimizer):
@@ -315,7 +330,7 @@ class TorchEngine:
             self._set_gate("host read")
             verdict = int(finite * (1.0 + (scale < 1.0).float()))
             if verdict == 0:
-                return self._skip(b)
+                return self._skip(b, grads, scaler_checks_next)
             if verdict == 2 and may_clip:
                 torch._foreach_mul_(grads, scale.to(torch.float32))
         elif may_clip and not self._log_step and _takes_found_inf(optimizer):
@@ -326,15 +341,28 @@ class TorchEngine:
             self._update = _snapshots.UpdateSample(b)
         return True
 
+    def _loss_scale_of(self, optimizer) -> torch.Tensor | None:
+        """The scale ``GradScaler.step`` sets on a fused optimizer for the step it drives (gradients
+        stay scaled until the optimizer's kernel divides them), unless it is ours from ``_hand_to``."""
+        scale = getattr(optimizer, "grad_scale", None) if optimizer is not None else None
+        if not torch.is_tensor(scale) or (self._handed is not None and scale is self._handed[2]):
+            return None
+        return scale
+
     def _set_gate(self, gate: str) -> None:
         if gate not in self._gates_logged:  # (log steps read the host even with a fused optimizer: once each)
             self._gates_logged.add(gate)
             logging.getLogger("gradguard").debug("gradguard: non-finite gate: %s", gate)
         self.gate = gate
 
-    def _skip(self, b: _Built) -> bool:
-        for p in b.layout.params:
-            p.grad = None
+    def _skip(self, b: _Built, grads, scaler_checks_next: bool = False) -> bool:
+        if scaler_checks_next:
+            # A GradScaler checks these gradients after us and fails on none at all: leave them
+            # non-finite (NaN), so that it skips the update itself (and backs off its scale).
+            torch._foreach_mul_(grads, float("nan"))
+        else:
+            for p in b.layout.params:
+                p.grad = None
         self._norm_stats.restore()
         return False
 
@@ -363,9 +391,10 @@ class TorchEngine:
                 if getattr(optimizer, name, None) is value:
                     delattr(optimizer, name)
 
-    def _clip_unitwise(self, b: _Built, grads) -> None:
+    def _clip_unitwise(self, b: _Built, grads, loss_scale: torch.Tensor | None = None) -> None:
         """AGC: per-unit norms of gradient and weight, the policy's rule, one multiply per tensor.
-        (A non-finite step is skipped afterwards anyway; NaN units simply stay NaN.)"""
+        (A non-finite step is skipped afterwards anyway; NaN units simply stay NaN.) Gradients still
+        under a loss scale are judged unscaled and scaled in place."""
         present = [p for p, ok in zip(b.layout.params, b.present) if ok]
         with torch.no_grad():
             for p, g in zip(present, grads):
@@ -373,6 +402,8 @@ class TorchEngine:
                 gr, wr = real_view(g), real_view(w)
                 dims = tuple(range(1, gr.dim()))
                 g_norm = gr.float().norm(dim=dims) if dims else gr.float().abs()
+                if loss_scale is not None:
+                    g_norm = g_norm / loss_scale.detach().to(g_norm)
                 w_norm = wr.float().norm(dim=dims) if dims else wr.float().abs()
                 factor = self.policy.unitwise(g_norm, w_norm, torch_ops)
                 g.mul_(factor.reshape(factor.shape + (1,) * (g.dim() - factor.dim())).to(g.real.dtype))

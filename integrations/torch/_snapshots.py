@@ -250,7 +250,9 @@ def extras(built) -> Extras:
     return e
 
 
-def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms: bool) -> pipeline.LayerSums:
+def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms: bool,
+            unscale: float = 1.0) -> pipeline.LayerSums:
+    """``layer_sq`` is already unscaled; ``unscale`` undoes a loss scale still on ``grads``."""
     has = built.has_t.cpu().numpy() > 0
     norm_sq = layer_sq.cpu().numpy().astype(np.float64)
     with torch.no_grad():
@@ -260,7 +262,7 @@ def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms
         ex = extras(built)
         # max-abs and zero counts only feed the logged keys: take them for the logged layers only
         sub = [dense[j].abs() if dense[j].is_complex() else dense[j] for j in ex.pick]
-        max_abs = per_layer(built, _max_abs(sub), "amax", ex.pick)
+        max_abs = per_layer(built, _max_abs(sub), "amax", ex.pick) * unscale
         zeros = per_layer(built, _zero_count(sub, built.device), "sum", ex.pick)
         # weight norms from the update sample: exact below 2 * UPDATE_SAMPLE elements, estimated above
         weight_sq = ex.layer_sums(built, ex.per_param_sq(ex.sample(into="weights").square_()) * ex.factor)
@@ -272,7 +274,7 @@ def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms
             for i in built.pipeline.logged:
                 gs = [real_view(g.detach()).float().flatten() for g, l in zip(dense, owner) if l == i]
                 if gs:
-                    hist[int(i)] = pipeline.histogram(torch.cat(gs).cpu().numpy())
+                    hist[int(i)] = pipeline.histogram(torch.cat(gs).cpu().numpy() * unscale)
         nan = np.full(built.n_layers, np.nan)
         return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq, max_abs=np.where(ex.measured, max_abs, nan),
                                   zeros=np.where(ex.measured, zeros, nan), weight_sq=weight_sq, dead=dead,

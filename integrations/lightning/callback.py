@@ -331,7 +331,7 @@ class GradGuardCallback(*_callback_bases()):
             return
         if self._in_step is not None:  # several optimizer steps in one batch (manual optimization)
             self._finish_step()
-        self._in_step = self._engine.before_step()
+        self._in_step = self._engine.before_step(ceiling_from=optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._in_step is not None:

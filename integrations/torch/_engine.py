@@ -31,7 +31,7 @@ from gradguard.findings import Finding
 from gradguard.monitor import Decision, Monitor, warn_user
 from gradguard.options import Options
 from gradguard.sinks import make_sinks
-from gradguard.torch import _fused, _snapshots
+from gradguard.torch import _fused, _optim, _snapshots
 from gradguard.torch._layout import ForwardOrder, Layout, build_layout, describe_model, trainable_key, unwrap
 from gradguard.torch._normstats import NormStats
 from gradguard.torch._ops import real_view, torch_ops
@@ -55,6 +55,7 @@ class _Built:
         self.present: tuple[bool, ...] | None = None
         self.idx_t = self.present_idx_t = self.has_t = None
         self.plain_grads: bool | None = None  # dense, real, one device, no DTensor: the fast path
+        self.ceiling_written = False  # the policy's update ceiling, written on the first step after a build
 
     def set_present(self, present: tuple[bool, ...]) -> None:
         self.present = present
@@ -263,7 +264,7 @@ class TorchEngine:
         sq = b.sharding.share(torch.stack(norms).square(), b.present_idx_t)
         return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
 
-    def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    def before_step(self, optimizer: torch.optim.Optimizer | None = None, ceiling_from: Any = None) -> bool:
         """Measure, clip and gate the gradients now in ``.grad``. Returns False when the step must be
         skipped (non-finite gradients and ``skip_nonfinite``): the watched gradients are then set to
         None and the normalization statistics of this step's forward passes are put back.
@@ -272,7 +273,9 @@ class TorchEngine:
         a device-side ``found_inf``/``grad_scale`` the way ``GradScaler`` drives it), a non-log step
         on an accelerator hands it the verdict and the clip factor instead of reading them: no host
         sync; the optimizer then skips a non-finite update itself (weights, moments and its step
-        count unchanged), the gradients stay as they were, and this returns True."""
+        count unchanged), the gradients stay as they were, and this returns True.
+        ``ceiling_from``: the optimizer whose learning rate bounds the policy's update ceiling when
+        ``optimizer`` is not given (hosts that keep the one host read)."""
         if self._in_step:
             raise RuntimeError("gradguard: before_step() ran twice without after_step(): the same guard is "
                                "hooked twice into one optimizer step (attach() plus guard.step(), or two "
@@ -288,6 +291,8 @@ class TorchEngine:
         if not grads:
             return True
         layer_sq = self._layer_sq(b, grads)
+        if self._log_step and b.pipeline.ceiling is not None:
+            self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
         scale, finite = b.step_fn(layer_sq, b.has_t)
         if self._log_step:
             self._sums = _snapshots.measure(b, grads, layer_sq, self.histograms)
@@ -323,6 +328,17 @@ class TorchEngine:
         if self._sums is not None and self.measure_updates:
             self._update = _snapshots.UpdateSample(b)
         return True
+
+    def _refresh_ceiling(self, b: _Built, optimizer) -> None:
+        """Log steps: the optimizer's gain (a scheduled learning rate moves it); the ceiling itself
+        follows from the snapshot's weight norms at ``_observe``, and on the first step after a build
+        from one pass over the weights."""
+        b.pipeline.optimizer_gain = _optim.optimizer_gain(optimizer)
+        if not b.ceiling_written:
+            b.ceiling_written = True
+            fresh: dict[str, Any] = {}
+            b.pipeline.set_ceiling(fresh, _optim.weight_norm(b.layout.params, b.sharding, b.device))
+            b.step_fn.write(fresh)
 
     def _set_gate(self, gate: str) -> None:
         if gate not in self._gates_logged:  # (log steps read the host even with a fused optimizer: once each)
@@ -419,6 +435,8 @@ class TorchEngine:
         written = {k: fresh[k] for k in stats.window_keys()}
         if decision.enable_clipping and b.pipeline.latch is not None:
             written[b.pipeline.latch] = np.float32(1.0)
+        if b.pipeline.ceiling is not None and snap is not None:
+            written[b.pipeline.ceiling] = fresh[b.pipeline.ceiling]
         b.step_fn.write(written)
         return decision
 

@@ -13,7 +13,9 @@ returns the largest global norm allowed this step (``inf`` for "do not clip").
 What a policy *is* is said by its fields, never by its name: ``scales_global`` (the adapter applies
 the returned factor to every gradient), ``unitwise`` (the adapter scales units itself) and ``latch``
 (the state field that, once 1.0, keeps clipping switched on; the core closes it on an overflow right
-after a spike and the monitor closes it on an explosion the device tracker did not see).
+after a spike and the monitor closes it on an explosion the device tracker did not see) and
+``ceiling`` (the state field the host fills with ``update_ceiling``: the largest global norm whose
+update the optimizer can apply without moving the weights by more than their own norm).
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ class ClipPolicy(NamedTuple):
       ``max_norm`` (False for rules that never clip the global norm: ``no_clipping``, ``agc``).
     * ``unitwise``: ``(grad unit norms, weight unit norms, xp) -> factors`` for unit-wise rules (AGC).
     * ``latch``: name of a 0/1 field of the state that switches clipping on for good (``auto``:
-      ``"enabled"``), or None. Only this field is ever written from outside the policy.
+      ``"enabled"``), or None.
+    * ``ceiling``: name of a field of the state that the host writes with ``update_ceiling`` (at the
+      first step and on log steps; ``inf`` where the optimizer's update does not scale with the
+      gradient), or None. Only ``latch`` and ``ceiling`` are ever written from outside the policy.
     """
 
     name: str
@@ -52,6 +57,7 @@ class ClipPolicy(NamedTuple):
     unitwise: Callable[[Any, Any, Any], Any] | None = None
     scales_global: bool = True
     latch: str | None = None
+    ceiling: str | None = None
 
 
 class NoState(NamedTuple):
@@ -71,6 +77,7 @@ class ZScoreState(NamedTuple):
 class AutoState(NamedTuple):
     enabled: Any  # 1.0 once clipping is switched on (the latch)
     log_anchor: Any  # while latched: the policy's own level of log(norm), moved by unclipped steps (inf before)
+    ceiling: Any  # written by the host (``update_ceiling``): no step's norm may exceed it (inf: unknown)
 
 
 class PercentileState(NamedTuple):
@@ -160,6 +167,13 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
     step almost at once (``fall``) and rises at the tracker's ~10-step memory (``rise``), so the
     threshold does not follow an explosion upward. While latched the spread is read as at most ``latched_sigma``: in a run
     explosive from its first steps the tracker's spread measures the explosion, not the noise.
+
+    The first step has no history to judge against, and a run explosive from its start does its
+    damage there. So, independently of the latch, no step may exceed the *update ceiling* the host
+    writes into the state (``ceiling``, see ``update_ceiling``): the global norm at which the
+    optimizer's update would move the weights by their own norm. It is known only for optimizers
+    whose update scales with the gradient (SGD, with or without momentum); for the others it is inf
+    and never binds.
     """
     clip_z = _positive("clip_z", clip_z)
     latched_sigma = _positive("latched_sigma", latched_sigma)
@@ -168,7 +182,7 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
             raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
     def init():
-        return AutoState(0.0, INF)
+        return AutoState(0.0, INF, INF)
 
     def update(state, norm, signals, xp):
         enabled = xp.maximum(state.enabled, signals.explosion)
@@ -186,10 +200,43 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
         weight = xp.where(jump > log_threshold - level, 0.0, xp.where(x < anchor, fall, rise))
         new_anchor = xp.where(latched, anchor + weight * (x - anchor), INF)
         threshold = xp.where(active > 0, xp.exp(log_threshold), INF)
-        return threshold, AutoState(enabled, new_anchor)
+        # The update ceiling, shown as the threshold only on the steps it binds (a healthy run's log
+        # stays free of a threshold it never meets).
+        threshold = xp.minimum(threshold, xp.where(norm > state.ceiling, state.ceiling, INF))
+        return threshold, AutoState(enabled, new_anchor, state.ceiling)
 
     return ClipPolicy("auto", init, update, "auto: off until a spike or an explosion, then adaptive "
-                      "(held below an explosion)", latch="enabled")
+                      "(held below an explosion); never above the update ceiling", latch="enabled",
+                      ceiling="ceiling")
+
+
+# How far one gradient may move the weights, relative to their norm, before the step itself is the
+# divergence: the exploding detector's ``update_ratio`` (an update larger than the weights). Healthy
+# runs stay far below: over the validation suite's SGD runs (lr up to 0.1, momentum 0.9, the first 60
+# steps) the total displacement one gradient causes, lr/(1-momentum) * |g| / |w|, reached at most 0.46
+# (a 20-layer BN MLP's first step), Adam-like runs' per-step updates 0.04.
+UPDATE_CEILING_RATIO = 1.0
+
+
+def sgd_gain(lr: float, momentum: float = 0.0, dampening: float = 0.0) -> float | None:
+    """How far SGD moves the weights per unit of gradient norm, all told: the step applies ``lr * g``
+    and momentum carries the same gradient on, ``momentum**k`` of it k steps later, so one gradient
+    moves the weights by ``lr * (1 - dampening) / (1 - momentum)`` times itself (Nesterov's look-ahead
+    shifts when, not how much). This is what a clip must bound when a run explodes from its start."""
+    if not 0.0 <= momentum < 1.0:
+        return None  # (not a momentum SGD can run with)
+    return float(lr) * (1.0 - float(dampening)) / (1.0 - float(momentum))
+
+
+def update_ceiling(weight_norm: float | None, gain: float | None, ratio: float = UPDATE_CEILING_RATIO) -> float:
+    """The largest global gradient norm whose update moves the weights by at most ``ratio`` times
+    their norm: ``ratio * |w| / gain``. ``inf`` (no ceiling) when the optimizer's update does not
+    scale with the gradient (``gain`` None: Adam and other normalising optimizers, whose step size
+    is their learning rate whatever the norm, so a clip does not bound it) or when the weights have
+    no scale yet (all zero)."""
+    if gain is None or not 0 < gain < INF or weight_norm is None or not math.isfinite(weight_norm) or not weight_norm > 0:
+        return INF
+    return float(ratio * weight_norm / gain)
 
 
 def percentile(p: float = 10.0, history: int = 1000) -> ClipPolicy:

@@ -195,3 +195,27 @@ def test_lightning_passes_its_optimizer_to_the_ceiling(tmp_path):
         tr.fit(module, torch.utils.data.DataLoader(rnn_batches(1), batch_size=None))
     assert callback.totals["clipped"] == 1
     assert module.moved[0] == pytest.approx(w0 * 0.1, rel=1e-3)  # lr x ceiling = (1 - momentum) |w|
+
+
+def test_hf_trainer_passes_its_optimizer_to_the_ceiling(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer
+
+    from gradguard.transformers import GradGuardCallback
+    from hf_cases import json_text_dataset, tiny_llama, training_args
+
+    lr = 100.0  # plain SGD far too fast for the model: the first update would dwarf the weights
+    model = tiny_llama()
+    before = [p.detach().clone() for p in model.parameters()]
+    callback = GradGuardCallback(clip="auto", skip_nonfinite=False)
+    args = training_args(str(tmp_path / "out"), max_steps=1, max_grad_norm=0.0, optim="sgd", learning_rate=lr,
+                         lr_scheduler_type="constant", weight_decay=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(model=model, args=args, train_dataset=json_text_dataset(), callbacks=[callback]).train()
+    moved = float(torch.linalg.vector_norm(torch.stack([(p.detach() - b).norm() for p, b in
+                                                        zip(model.parameters(), before)])))
+    w0 = float(torch.linalg.vector_norm(torch.stack([b.norm() for b in before])))
+    assert callback.totals["clipped"] == 1
+    assert moved == pytest.approx(w0, rel=1e-3)  # lr x ceiling = |w|: an update the size of the weights

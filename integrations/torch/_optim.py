@@ -13,10 +13,13 @@ from gradguard.torch._sharding import Sharding, local
 def unwrap(optimizer):
     """The torch optimizer inside a host's wrapper (Accelerate's ``AcceleratedOptimizer.optimizer``,
     Lightning's ``LightningOptimizer._optimizer``)."""
-    for _ in range(4):
-        if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+    for _ in range(4):  # (AcceleratedOptimizer is itself a torch Optimizer subclass: look inside first)
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
             break
-        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        optimizer = inner
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 

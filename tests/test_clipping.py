@@ -15,13 +15,14 @@ from gradguard import clipping, stats
 from gradguard.ops import numpy_ops as xp
 
 
-def test_update_ceiling_is_the_norm_whose_update_equals_the_weights():
-    assert clipping.sgd_gain(0.1) == pytest.approx(0.1)
-    assert clipping.sgd_gain(0.05, momentum=0.9) == pytest.approx(0.5)  # momentum carries a gradient 10x
-    assert clipping.sgd_gain(0.1, momentum=0.9, dampening=0.9) == pytest.approx(0.1)
+def test_update_ceiling_is_the_norm_whose_update_reaches_its_limit():
+    # one step may move the weights by 10% of their norm; one gradient, carried on by momentum, by 100%
+    assert clipping.sgd_gain(0.1) == pytest.approx(1.0)  # the step's limit: |w| / gain = 0.1 |w| / lr
+    assert clipping.sgd_gain(0.05, momentum=0.9) == pytest.approx(0.5)  # the two limits coincide at 0.9
+    assert clipping.sgd_gain(0.05, momentum=0.99) == pytest.approx(5.0)  # momentum carries it 100x
+    assert clipping.sgd_gain(0.1, momentum=0.99, dampening=0.99) == pytest.approx(1.0)
     assert clipping.sgd_gain(0.1, momentum=1.0) is None
     assert clipping.update_ceiling(20.0, 0.5) == pytest.approx(40.0)
-    assert clipping.update_ceiling(20.0, 0.5, ratio=0.5) == pytest.approx(20.0)
     # no scale to compare with: Adam-like optimizers (no gain), all-zero weights, nothing known
     for w, gain in ((20.0, None), (0.0, 0.5), (None, 0.5), (math.inf, 0.5), (20.0, 0.0)):
         assert clipping.update_ceiling(w, gain) == math.inf
@@ -129,7 +130,7 @@ def test_torch_learning_rate_schedule_moves_the_ceiling_on_log_steps():
         if step == 2:
             for g in opt.param_groups:
                 g["lr"] = 0.1
-    assert ceilings[0] == pytest.approx(weight_norm(model) / 0.01, rel=0.05)
+    assert ceilings[0] == pytest.approx(0.1 * weight_norm(model) / 0.01, rel=0.05)
     assert ceilings[3] == ceilings[0]  # between log steps the ceiling stays
     assert ceilings[4] == pytest.approx(ceilings[0] / 10, rel=0.05)  # the log step at step 4 read lr=0.1
     assert guard.totals["clipped"] == 0
@@ -205,7 +206,7 @@ def test_hf_trainer_passes_its_optimizer_to_the_ceiling(tmp_path):
     from gradguard.transformers import GradGuardCallback
     from hf_cases import json_text_dataset, tiny_llama, training_args
 
-    lr = 100.0  # plain SGD far too fast for the model: the first update would dwarf the weights
+    lr = 100.0  # plain SGD far too fast for the model: its first step would dwarf the weights
     model = tiny_llama()
     before = [p.detach().clone() for p in model.parameters()]
     callback = GradGuardCallback(clip="auto", skip_nonfinite=False)
@@ -218,4 +219,4 @@ def test_hf_trainer_passes_its_optimizer_to_the_ceiling(tmp_path):
                                                         zip(model.parameters(), before)])))
     w0 = float(torch.linalg.vector_norm(torch.stack([b.norm() for b in before])))
     assert callback.totals["clipped"] == 1
-    assert moved == pytest.approx(w0, rel=1e-3)  # lr x ceiling = |w|: an update the size of the weights
+    assert moved == pytest.approx(0.1 * w0, rel=1e-3)  # lr x ceiling: a step of 10% of the weights

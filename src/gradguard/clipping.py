@@ -171,7 +171,8 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
     The first step has no history to judge against, and a run explosive from its start does its
     damage there. So, independently of the latch, no step may exceed the *update ceiling* the host
     writes into the state (``ceiling``, see ``update_ceiling``): the global norm at which the
-    optimizer's update would move the weights by their own norm. It is known only for optimizers
+    optimizer's step would move the weights by 10% of their norm, or the gradient, carried on by
+    momentum, by their whole norm. It is known only for optimizers
     whose update scales with the gradient (SGD, with or without momentum); for the others it is inf
     and never binds.
     """
@@ -210,33 +211,37 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
                       ceiling="ceiling")
 
 
-# How far one gradient may move the weights, relative to their norm, before the step itself is the
-# divergence: the exploding detector's ``update_ratio`` (an update larger than the weights). Healthy
-# runs stay far below: over the validation suite's SGD runs (lr up to 0.1, momentum 0.9, the first 60
-# steps) the total displacement one gradient causes, lr/(1-momentum) * |g| / |w|, reached at most 0.46
-# (a 20-layer BN MLP's first step), Adam-like runs' per-step updates 0.04.
-UPDATE_CEILING_RATIO = 1.0
+# How far SGD may move the weights, relative to their norm, before the step itself is the divergence.
+# One step: 10% (healthy runs apply 0.01%..5% per step, see DetectorConfig; LARS-style trust ratios
+# keep it near 0.1%). One gradient, all told (momentum carries it on): the weights' own norm, the
+# exploding detector's ``update_ratio``. With momentum 0.9 the two coincide. Over the validation
+# suite's healthy SGD runs (lr up to 0.1, momentum 0.9, the first 60 steps) the largest was 0.046 per
+# step and 0.46 all told (a 20-layer BN MLP's first step): a margin of 2x.
+STEP_UPDATE_RATIO = 0.1
+CARRIED_UPDATE_RATIO = 1.0
 
 
 def sgd_gain(lr: float, momentum: float = 0.0, dampening: float = 0.0) -> float | None:
-    """How far SGD moves the weights per unit of gradient norm, all told: the step applies ``lr * g``
-    and momentum carries the same gradient on, ``momentum**k`` of it k steps later, so one gradient
-    moves the weights by ``lr * (1 - dampening) / (1 - momentum)`` times itself (Nesterov's look-ahead
-    shifts when, not how much). This is what a clip must bound when a run explodes from its start."""
+    """How much SGD's update, measured against its limit, grows per unit of gradient norm: the step
+    applies ``lr * g`` (limit: ``STEP_UPDATE_RATIO`` of the weights), and momentum carries the same
+    gradient on, ``momentum**k`` of it k steps later, so one gradient moves the weights by
+    ``lr * (1 - dampening) / (1 - momentum)`` times itself all told (limit: ``CARRIED_UPDATE_RATIO``;
+    Nesterov's look-ahead shifts when, not how much). ``update_ceiling`` divides the weights' norm
+    by this. None where momentum is not below 1."""
     if not 0.0 <= momentum < 1.0:
         return None  # (not a momentum SGD can run with)
-    return float(lr) * (1.0 - float(dampening)) / (1.0 - float(momentum))
+    lr, carried = float(lr), float(lr) * (1.0 - float(dampening)) / (1.0 - float(momentum))
+    return max(lr / STEP_UPDATE_RATIO, carried / CARRIED_UPDATE_RATIO)
 
 
-def update_ceiling(weight_norm: float | None, gain: float | None, ratio: float = UPDATE_CEILING_RATIO) -> float:
-    """The largest global gradient norm whose update moves the weights by at most ``ratio`` times
-    their norm: ``ratio * |w| / gain``. ``inf`` (no ceiling) when the optimizer's update does not
-    scale with the gradient (``gain`` None: Adam and other normalising optimizers, whose step size
-    is their learning rate whatever the norm, so a clip does not bound it) or when the weights have
-    no scale yet (all zero)."""
+def update_ceiling(weight_norm: float | None, gain: float | None) -> float:
+    """The largest global gradient norm whose update stays within its limits: ``|w| / gain`` (see
+    ``sgd_gain``). ``inf`` (no ceiling) when the optimizer's update does not scale with the gradient
+    (``gain`` None: Adam and other normalising optimizers, whose step size is their learning rate
+    whatever the norm, so a clip does not bound it) or when the weights have no scale yet (all zero)."""
     if gain is None or not 0 < gain < INF or weight_norm is None or not math.isfinite(weight_norm) or not weight_norm > 0:
         return INF
-    return float(ratio * weight_norm / gain)
+    return float(weight_norm / gain)
 
 
 def percentile(p: float = 10.0, history: int = 1000) -> ClipPolicy:

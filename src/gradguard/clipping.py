@@ -187,7 +187,12 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
 
     def update(state, norm, signals, xp):
         enabled = xp.maximum(state.enabled, signals.explosion)
-        active = xp.maximum(enabled, signals.spike)
+        # A lone spike whose update the weights absorb is left alone (growth that does not feed on
+        # itself is not an explosion): under a tenth of the update ceiling, an SGD step of at most 1%
+        # of the weights (10% carried on by momentum 0.9). Where the ceiling is unknown (Adam-like
+        # optimizers) every spike is clipped on its own step.
+        absorbed = xp.asfloat(xp.isfinite(state.ceiling)) * xp.asfloat(norm < SPIKE_SHARE_OF_CEILING * state.ceiling)
+        active = xp.maximum(enabled, signals.spike * (1.0 - absorbed))
         latched = enabled > 0
         # The anchor starts at the tracker's level on the latch step (or when the host closed the latch).
         anchor = xp.where(xp.isfinite(state.log_anchor), state.log_anchor, signals.log_level)
@@ -219,6 +224,10 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
 # step and 0.46 all told (a 20-layer BN MLP's first step): a margin of 2x.
 STEP_UPDATE_RATIO = 0.1
 CARRIED_UPDATE_RATIO = 1.0
+# A lone spike below this share of the ceiling moves the weights by at most 1% in one SGD step: inside
+# what healthy runs do, so ``auto`` does not clip it (the late-training spikes of healthy SGD runs, a
+# batch 10x+ above a level near zero, sit at 1-3% of their ceiling).
+SPIKE_SHARE_OF_CEILING = 0.1
 
 
 def sgd_gain(lr: float, momentum: float = 0.0, dampening: float = 0.0) -> float | None:

@@ -89,12 +89,12 @@ def test_bad_init_diverges_without_help_and_auto_clipping_rescues_it(backend):
     assert not r["plain_finite"]  # plain fit: the weights become NaN/Inf
     assert r["finite"]
     assert all(math.isfinite(num(v)) for v in r["loss"])
-    # The tracker confirmed the explosion within the first steps and the latch switched clipping on for
-    # good; whether a finding follows depends on evidence the clipping removes (issue 12: a finding needs
-    # growth that is sustained, an overflow, or updates that dwarf the weights), so it is not asserted.
-    assert r["totals"]["explosions"] >= 1
-    assert r["clip_enabled_step"] is not None and r["clip_enabled_step"] <= 3
-    assert r["totals"]["clipped"] >= 1
+    # Protected on the device from the first epoch: by auto's update ceiling (SGD: no step may move the
+    # weights by more than 10% of their norm) or by the tracker's latch, whichever binds first. Whether
+    # a finding follows depends on evidence the clipping removes (issue 12: a finding needs growth that
+    # is sustained, an overflow, or updates that dwarf the weights), so it is not asserted.
+    assert num(r["history"]["gradguard/clipped_steps"][0]) >= 1
+    assert r["clip_enabled_step"] is None or r["clip_enabled_step"] <= 3
     for f in r["findings"]:
         if f["kind"] == "exploding":
             assert "Clipping is now on" in f["message"] and REMEDIES["clipping"] in f["remedies"]

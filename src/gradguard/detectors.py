@@ -400,14 +400,20 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
             else None
 
     # 2b. updates that would have dwarfed the weights, held by clip='auto''s update ceiling (SGD): the
-    # measured update then stays small, but the learning rate or init is wrong from the start
+    # measured update then stays small, but the learning rate or init is wrong from the start. As for
+    # measured updates, it takes two such steps (one bad batch is not a learning rate the weights cannot
+    # sustain), or the very first step (no history: the init or learning rate itself).
     ceiling = window.policy_state.get("ceiling")
-    if ceiling is not None and 0 < ceiling < math.inf and window.global_norm_max >= cfg.ceiling_excess * ceiling:
+    if (ceiling is not None and 0 < ceiling < math.inf and window.global_norm_max >= cfg.ceiling_excess * ceiling
+            and window.trace is not None and window.trace_first_step is not None):
+        over = np.flatnonzero(window.trace[:, 0] >= cfg.ceiling_excess * ceiling)
+        first = window.trace_first_step + int(over[0]) if len(over) else None
+        held = first is not None and (len(over) >= 2 or first == 0)
+    else:
+        held, first = False, None
+    if held:
         excess = window.global_norm_max / ceiling
-        at = window.last_step
-        if window.trace is not None and window.trace_first_step is not None:
-            over = np.flatnonzero(window.trace[:, 0] >= cfg.ceiling_excess * ceiling)
-            at = window.trace_first_step + int(over[0]) if len(over) else at
+        at = first if first == 0 else window.trace_first_step + int(over[1])
         reasons.append(f"an optimizer step would have changed the weights {excess:.3g}x more than they bear (10% "
                        "of their norm per step, their whole norm carried on by momentum); clip='auto' held it")
         severity = "critical"
@@ -486,7 +492,7 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
     remedies = [REMEDIES["clipping"], REMEDIES["lower_lr"], REMEDIES["init_smaller"], REMEDIES["normalization"]]
     if lr_hint:
         remedies.insert(0, remedies.pop(1))
-    if policy_name == "auto" and clip_enabled_now:
+    if policy_name == "auto":  # (the monitor closes the latch on every exploding finding, if not yet closed)
         tail = " Clipping is now on (clip='auto')."
     elif policy_name == "none":
         tail = " Gradients are not being clipped (clip=None)."

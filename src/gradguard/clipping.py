@@ -15,7 +15,8 @@ the returned factor to every gradient), ``unitwise`` (the adapter scales units i
 (the state field that, once 1.0, keeps clipping switched on; the core closes it on an overflow right
 after a spike and the monitor closes it on an explosion the device tracker did not see) and
 ``ceiling`` (the state field the host fills with ``update_ceiling``: the largest global norm whose
-update the optimizer can apply without moving the weights by more than their own norm).
+SGD update stays within what the weights bear, 10% of their norm per step, their whole norm carried
+on by momentum).
 """
 
 from __future__ import annotations
@@ -172,9 +173,8 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
     damage there. So, independently of the latch, no step may exceed the *update ceiling* the host
     writes into the state (``ceiling``, see ``update_ceiling``): the global norm at which the
     optimizer's step would move the weights by 10% of their norm, or the gradient, carried on by
-    momentum, by their whole norm. It is known only for optimizers
-    whose update scales with the gradient (SGD, with or without momentum); for the others it is inf
-    and never binds.
+    momentum, by their whole norm. It is known only for optimizers whose update scales with the
+    gradient (SGD, with or without momentum); for the others it is inf and never binds.
     """
     clip_z = _positive("clip_z", clip_z)
     latched_sigma = _positive("latched_sigma", latched_sigma)

@@ -224,3 +224,21 @@ def test_hf_trainer_passes_its_optimizer_to_the_ceiling(tmp_path):
     w0 = float(torch.linalg.vector_norm(torch.stack([b.norm() for b in before])))
     assert callback.totals["clipped"] == 1
     assert moved == pytest.approx(0.1 * w0, rel=1e-3)  # lr x ceiling: a step of 10% of the weights
+
+
+def test_auto_state_saved_before_the_ceiling_existed_resumes_with_its_latch():
+    import gradguard
+    from gradguard import pipeline
+    from gradguard.options import Options
+
+    layers = [gradguard.LayerInfo(f"l{i}", "linear", 10, 10, 1) for i in range(2)]
+    pipe = pipeline.Pipeline(layers, gradguard.ModelFacts(), Options(clip="auto"))
+    state = pipe.initial_state()
+    state["clip_enabled"] = np.float32(1.0)
+    state["clip_log_anchor"] = np.float32(0.5)
+    saved = pipe.state_dict({k: v for k, v in state.items() if k != "clip_ceiling"})  # an older checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "policy starts fresh" warning
+        restored = pipeline.Pipeline(layers, gradguard.ModelFacts(), Options(clip="auto")).restore(saved)
+    assert float(restored["clip_enabled"]) == 1.0 and float(restored["clip_log_anchor"]) == 0.5
+    assert math.isinf(float(restored["clip_ceiling"]))

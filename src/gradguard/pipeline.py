@@ -358,7 +358,10 @@ class Pipeline:
         old_policy = saved.get("policy")
         old_pol = sorted(k for k in old if k.startswith(stats.POLICY_PREFIX))
         new_pol = sorted(k for k in fresh if k.startswith(stats.POLICY_PREFIX))
-        same_policy = old_pol == new_pol and all(np.shape(old[k]) == np.shape(fresh[k]) for k in new_pol) and (
+        if old_policy == self.policy.name and set(old_pol) < set(new_pol):
+            old_pol = new_pol  # the same policy saved before a field was added: the new field starts fresh
+        same_policy = old_pol == new_pol and all(k not in old or np.shape(old[k]) == np.shape(fresh[k])
+                                                 for k in new_pol) and (
             old_policy is None or old_policy == self.policy.name)
         if not same_policy:
             warn_user(f"gradguard: the checkpoint's clip policy was {old_policy or old_pol!r}, this run's is "

@@ -337,7 +337,9 @@ class TorchEngine:
         if not b.ceiling_written:
             b.ceiling_written = True
             fresh: dict[str, Any] = {}
-            b.pipeline.set_ceiling(fresh, _optim.weight_norm(b.layout.params, b.sharding, b.device))
+            weights = (None if b.pipeline.optimizer_gain is None else  # (no ceiling: no pass over the weights)
+                       _optim.weight_norm(b.layout.params, b.sharding, b.device))
+            b.pipeline.set_ceiling(fresh, weights)
             b.step_fn.write(fresh)
 
     def _set_gate(self, gate: str) -> None:

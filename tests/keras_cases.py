@@ -330,6 +330,16 @@ def case_clip_rules():
                      "raw_norm": hist["grad/norm/global"][0], "threshold": hist["gradguard/clip_threshold"][0],
                      "clipped": hist["gradguard/clipped_steps"][0], "policy": cb.active_policy.name,
                      "warnings": [str(w.message)[:160] for w in caught if "clips gradients itself" in str(w.message)]}
+    # clip="auto" with SGD whose first update would dwarf the weights: held by the update ceiling,
+    # |w| (1 - momentum) / lr, on the first step (no history yet)
+    model = compile_(mlp(3, "relu", init=0.3), keras.optimizers.SGD(1.0, momentum=0.9))
+    before = weights(model)
+    cb = GradGuardCallback(clip="auto", log_every_n_steps=1, skip_nonfinite=False)
+    h = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    after = weights(model)
+    out["auto_ceiling"] = {"applied_norm": float(np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before)))),
+                           "raw_norm": _history(h)["grad/norm/global"][0], "clipped": cb.totals["clipped"],
+                           "ceiling": float(np.sqrt(sum(np.sum(b.astype(np.float64) ** 2) for b in before))) * 0.1}
     return out
 
 
@@ -731,9 +741,13 @@ def case_device_step_ops():
     has = np.ones(n_layers, np.float32)
     has[2] = 0.0
     worst = {}
-    for policy in (clipping.auto(), clipping.zscore(warmup_steps=3), clipping.percentile(history=8),
-                   clipping.fixed(2.0)):
+    for name, policy, ceiling in (("auto", clipping.auto(), None), ("auto_ceiling", clipping.auto(), 2.1),
+                                  ("zscore", clipping.zscore(warmup_steps=3), None),
+                                  ("percentile", clipping.percentile(history=8), None),
+                                  ("fixed", clipping.fixed(2.0), None)):
         s_np = stats.init_state(n_layers, policy)
+        if ceiling is not None:  # the host-written update ceiling (binds on about half the steps)
+            s_np[stats.ceiling_key(policy)] = np.float32(ceiling)
         s_k = {k: keras.ops.convert_to_tensor(v) for k, v in s_np.items()}
         scale_diff = 0.0
         for row in norms:
@@ -749,7 +763,7 @@ def case_device_step_ops():
             both = np.isfinite(a) & np.isfinite(b)
             assert (np.isfinite(a) == np.isfinite(b)).all(), k
             state_diff = max(state_diff, float(np.max(np.abs(a[both] - b[both]) / (np.abs(b[both]) + 1e-6), initial=0.0)))
-        worst[policy.name] = {"scale": scale_diff, "state": state_diff}
+        worst[name] = {"scale": scale_diff, "state": state_diff}
     return worst
 
 

@@ -37,7 +37,7 @@ from gradguard.monitor import Monitor, warn_user
 from gradguard.options import Options
 from gradguard.sinks import LogRecord, Sink, make_sinks
 
-from gradguard.keras import _compat
+from gradguard.keras import _compat, _optim
 from gradguard.keras._graph import ApplyHook, keras_ops, make_hook
 from gradguard.keras._model import describe_model
 
@@ -101,6 +101,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         self.pipeline: pipeline.Pipeline | None = None
         self.active_policy: clipping.ClipPolicy | None = None  # what runs: may be the optimizer's own clipping
         self._hook: ApplyHook | None = None
+        self._ceiling_optimizer: Any = None  # whose learning rate bounds the update ceiling (clip="auto")
         self._carry: dict | None = None  # checkpoint to continue from: load_state_dict's, or the last fit's
         self._model_ref: weakref.ref | None = None  # the model of the last fit
         self._host_steps = 0  # optimizer steps completed (skipped ones included)
@@ -207,6 +208,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         self.pipeline = pipeline.Pipeline(layout.layers, layout.facts, self.options, sinks=[self._last] + self._sinks,
                                           policy=self.active_policy, log_every_n_steps=self._every)
         device_state = self.pipeline.restore(carry) if carry else self.pipeline.initial_state()
+        self._set_ceiling(device_state, target, model)
         step = int(carry["step_count"]) if carry else 0
         self._carry = None
         hook = self._hook
@@ -277,6 +279,14 @@ class GradGuardCallback(keras.callbacks.Callback):
             model = _compat.callback_model_no_sync(self)  # no JAX sync needed: fit has synced already
             model.train_function = None  # the next fit traces without the hook
 
+    def _set_ceiling(self, device_state, optimizer, model) -> None:
+        """The policy's update ceiling for this fit's weights and optimizer (``clip="auto"``); on log
+        steps the pipeline follows the weights and the optimizer's current learning rate."""
+        self._ceiling_optimizer = optimizer
+        if self.pipeline.ceiling is not None:
+            self.pipeline.optimizer_gain = _optim.optimizer_gain(optimizer)
+            self.pipeline.set_ceiling(device_state, _optim.weight_norm(model.trainable_variables))
+
     # ------------------------------------------------------------------ log steps
 
     def _observe(self, report: bool = True) -> LogRecord | None:
@@ -291,6 +301,8 @@ class GradGuardCallback(keras.callbacks.Callback):
         self._last.record = None
         self.pipeline.step = step
         snapshot = self._snapshot(hook, extras, self.pipeline.window(state, last_step=step - 1))
+        if self.pipeline.ceiling is not None:
+            self.pipeline.optimizer_gain = _optim.optimizer_gain(self._ceiling_optimizer)
         _, fresh = self.pipeline.observe(state, last_step=step - 1, snapshot=snapshot, report=report)
         hook.write_state(fresh)
         self._left_on_device = (fresh, step)

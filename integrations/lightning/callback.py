@@ -332,7 +332,8 @@ class GradGuardCallback(*_callback_bases()):
         if self._in_step is not None:  # several optimizer steps in one batch (manual optimization)
             self._finish_step()
         self._in_step = self._engine.before_step(self._fused_gate_optimizer(trainer, optimizer),
-                                                 loss_scale=_pending_loss_scale(trainer, optimizer))
+                                                 loss_scale=_pending_loss_scale(trainer, optimizer),
+                                                 ceiling_from=optimizer)
 
     @staticmethod
     def _fused_gate_optimizer(trainer: Any, optimizer: Any) -> Any:

@@ -31,7 +31,7 @@ from gradguard.findings import Finding
 from gradguard.monitor import Decision, Monitor, warn_user
 from gradguard.options import Options
 from gradguard.sinks import make_sinks
-from gradguard.torch import _fused, _snapshots
+from gradguard.torch import _fused, _optim, _snapshots
 from gradguard.torch._layout import ForwardOrder, Layout, build_layout, describe_model, trainable_key, unwrap
 from gradguard.torch._normstats import NormStats
 from gradguard.torch._ops import real_view, torch_ops
@@ -56,6 +56,7 @@ class _Built:
         self.idx_t = self.present_idx_t = self.has_t = None
         self.plain_grads: bool | None = None  # dense, real, one device, no DTensor: the fast path
         self.extras: _snapshots.Extras | None = None  # what log steps read, fixed with the gradients' set
+        self.ceiling_written = False  # the policy's update ceiling, written on the first step after a build
 
     def set_present(self, present: tuple[bool, ...]) -> None:
         self.present = present
@@ -266,7 +267,7 @@ class TorchEngine:
         return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
 
     def before_step(self, optimizer: torch.optim.Optimizer | None = None,
-                    loss_scale: torch.Tensor | None = None) -> bool:
+                    loss_scale: torch.Tensor | None = None, ceiling_from: Any = None) -> bool:
         """Measure, clip and gate the gradients now in ``.grad``. Returns False when the step must be
         skipped (non-finite gradients and ``skip_nonfinite``): the watched gradients are then set to
         None and the normalization statistics of this step's forward passes are put back.
@@ -283,7 +284,10 @@ class TorchEngine:
         non-finite for the scaler to skip, not removed. Without it, a scale set on the optimizer by
         ``GradScaler.step`` (``optimizer.grad_scale``: the hooks of ``attach`` run inside it) is used.
         Statistics, the clip threshold and AGC see the unscaled gradients; the clip multiplies the
-        scaled ones."""
+        scaled ones.
+
+        ``ceiling_from``: the optimizer whose learning rate bounds the policy's update ceiling when
+        ``optimizer`` is not given (hosts that keep the one host read)."""
         if self._in_step:
             raise RuntimeError("gradguard: before_step() ran twice without after_step(): the same guard is "
                                "hooked twice into one optimizer step (attach() plus guard.step(), or two "
@@ -304,6 +308,8 @@ class TorchEngine:
             loss_scale = self._loss_scale_of(optimizer)
         if loss_scale is not None:  # still multiplied by a GradScaler's loss scale: measure them unscaled
             layer_sq = layer_sq / loss_scale.detach().to(layer_sq).square()
+        if self._log_step and b.pipeline.ceiling is not None:
+            self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
         scale, finite = b.step_fn(layer_sq, b.has_t)
         if self._log_step:
             unscale = 1.0 if loss_scale is None else 1.0 / float(loss_scale)  # (a log step reads the host)
@@ -348,6 +354,18 @@ class TorchEngine:
         if not torch.is_tensor(scale) or (self._handed is not None and scale is self._handed[2]):
             return None
         return scale
+    def _refresh_ceiling(self, b: _Built, optimizer) -> None:
+        """Log steps: the optimizer's gain (a scheduled learning rate moves it); the ceiling itself
+        follows from the snapshot's weight norms at ``_observe``, and on the first step after a build
+        from one pass over the weights."""
+        b.pipeline.optimizer_gain = _optim.optimizer_gain(optimizer)
+        if not b.ceiling_written:
+            b.ceiling_written = True
+            fresh: dict[str, Any] = {}
+            weights = (None if b.pipeline.optimizer_gain is None else  # (no ceiling: no pass over the weights)
+                       _optim.weight_norm(b.layout.params, b.sharding, b.device))
+            b.pipeline.set_ceiling(fresh, weights)
+            b.step_fn.write(fresh)
 
     def _set_gate(self, gate: str) -> None:
         if gate not in self._gates_logged:  # (log steps read the host even with a fused optimizer: once each)
@@ -452,6 +470,8 @@ class TorchEngine:
         written = {k: fresh[k] for k in stats.window_keys()}
         if decision.enable_clipping and b.pipeline.latch is not None:
             written[b.pipeline.latch] = np.float32(1.0)
+        if b.pipeline.ceiling is not None and snap is not None:
+            written[b.pipeline.ceiling] = fresh[b.pipeline.ceiling]
         b.step_fn.write(written)
         return decision
 

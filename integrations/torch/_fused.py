@@ -79,10 +79,6 @@ COMPILE_AFTER = 50  # eager steps before the background compile starts (short ru
 
 
 DEFER_MAX = 64  # steps whose bookkeeping may wait (see NumpyStep)
-# The built-in policies whose verdict needs no state the step itself moves (no clipping, a fixed max
-# norm), and ``auto``, whose verdict is "no clipping" while its latch is open and the step is no
-# spike and no explosion (both need the norm at least sqrt(spike_factor) above the tracker's level).
-_DEFERRABLE = {"_keep": "always", "fixed.<locals>.update": "always", "auto.<locals>.update": "quiet"}
 _NO_SIGNALS = Signals(np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0))
 
 
@@ -105,11 +101,11 @@ class NumpyStep:
         self._state_now = {k: np.array(np.asarray(v, np.float32)) for k, v in state.items()}
         self._policy, self._tracker = policy, tracker
         self._has: tuple[torch.Tensor, np.ndarray] | None = None
-        update = policy.update
-        self._defer = _DEFERRABLE.get(getattr(update, "__qualname__", None)) if getattr(
-            update, "__module__", None) == "gradguard.clipping" else None
-        self._latch = stats.latch_key(policy)
-        if self._defer == "always" and self._latch is not None:
+        # (``ClipPolicy.verdict_without_state``: "quiet" steps need no spike and no explosion, and a
+        # spike needs the norm at least sqrt(spike_factor) above the tracker's level.)
+        self._defer = policy.verdict_without_state
+        self._latch, self._ceiling = stats.latch_key(policy), stats.ceiling_key(policy)
+        if (self._defer == "always" and self._latch is not None) or (self._defer == "quiet" and self._latch is None):
             self._defer = None
         self._quiet_jump = 0.5 * math.log(tracker.spike_factor) - 1e-3  # (margin: float32 rounding)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -142,6 +138,8 @@ class NumpyStep:
         if self._defer == "quiet":
             if not finite or float(self._state_now[self._latch]) > 0:
                 return None
+            if self._ceiling is not None and not float(gnorm) <= float(self._state_now[self._ceiling]):
+                return None  # the update ceiling may bind
             x = math.log(max(float(gnorm), 1e-30))
             # The tracker's level after the pending steps is at least the lowest of its level now and
             # their log norms (an EMA of values each at least min(level, x)): below sqrt(spike_factor)

@@ -13,7 +13,10 @@ returns the largest global norm allowed this step (``inf`` for "do not clip").
 What a policy *is* is said by its fields, never by its name: ``scales_global`` (the adapter applies
 the returned factor to every gradient), ``unitwise`` (the adapter scales units itself) and ``latch``
 (the state field that, once 1.0, keeps clipping switched on; the core closes it on an overflow right
-after a spike and the monitor closes it on an explosion the device tracker did not see).
+after a spike and the monitor closes it on an explosion the device tracker did not see) and
+``ceiling`` (the state field the host fills with ``update_ceiling``: the largest global norm whose
+SGD update stays within what the weights bear, 10% of their norm per step, their whole norm carried
+on by momentum).
 """
 
 from __future__ import annotations
@@ -42,7 +45,15 @@ class ClipPolicy(NamedTuple):
       ``max_norm`` (False for rules that never clip the global norm: ``no_clipping``, ``agc``).
     * ``unitwise``: ``(grad unit norms, weight unit norms, xp) -> factors`` for unit-wise rules (AGC).
     * ``latch``: name of a 0/1 field of the state that switches clipping on for good (``auto``:
-      ``"enabled"``), or None. Only this field is ever written from outside the policy.
+      ``"enabled"``), or None.
+    * ``ceiling``: name of a field of the state that the host writes with ``update_ceiling`` (at the
+      first step and on log steps; ``inf`` where the optimizer's update does not scale with the
+      gradient), or None. Only ``latch`` and ``ceiling`` are ever written from outside the policy.
+    * ``verdict_without_state``: when a host may give this step's verdict before the rest of the
+      bookkeeping has run (the CPU path runs that later, back to back): ``"always"`` (``update``
+      ignores ``signals`` and returns its state unchanged), ``"quiet"`` (``update`` returns ``inf``
+      whenever the latch is open, the step is neither a spike nor an explosion and the norm is at
+      most the ceiling), or None (never: the verdict needs the whole step; the default).
     """
 
     name: str
@@ -52,6 +63,8 @@ class ClipPolicy(NamedTuple):
     unitwise: Callable[[Any, Any, Any], Any] | None = None
     scales_global: bool = True
     latch: str | None = None
+    ceiling: str | None = None
+    verdict_without_state: str | None = None
 
 
 class NoState(NamedTuple):
@@ -71,6 +84,7 @@ class ZScoreState(NamedTuple):
 class AutoState(NamedTuple):
     enabled: Any  # 1.0 once clipping is switched on (the latch)
     log_anchor: Any  # while latched: the policy's own level of log(norm), moved by unclipped steps (inf before)
+    ceiling: Any  # written by the host (``update_ceiling``): no step's norm may exceed it (inf: unknown)
 
 
 class PercentileState(NamedTuple):
@@ -93,7 +107,7 @@ def _keep(state, norm, signals, xp):
 
 
 def no_clipping() -> ClipPolicy:
-    return ClipPolicy("none", NoState, _keep, "no clipping", scales_global=False)
+    return ClipPolicy("none", NoState, _keep, "no clipping", scales_global=False, verdict_without_state="always")
 
 
 def fixed(max_norm: float) -> ClipPolicy:
@@ -106,7 +120,7 @@ def fixed(max_norm: float) -> ClipPolicy:
     def update(state, norm, signals, xp):
         return state.max_norm, state
 
-    return ClipPolicy("fixed", init, update, f"fixed max global norm {max_norm:g}")
+    return ClipPolicy("fixed", init, update, f"fixed max global norm {max_norm:g}", verdict_without_state="always")
 
 
 def zscore(alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, eps: float = 1e-6) -> ClipPolicy:
@@ -160,6 +174,13 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
     step almost at once (``fall``) and rises at the tracker's ~10-step memory (``rise``), so the
     threshold does not follow an explosion upward. While latched the spread is read as at most ``latched_sigma``: in a run
     explosive from its first steps the tracker's spread measures the explosion, not the noise.
+
+    The first step has no history to judge against, and a run explosive from its start does its
+    damage there. So, independently of the latch, no step may exceed the *update ceiling* the host
+    writes into the state (``ceiling``, see ``update_ceiling``): the global norm at which the
+    optimizer's step would move the weights by 10% of their norm, or the gradient, carried on by
+    momentum, by their whole norm. It is known only for optimizers whose update scales with the
+    gradient (SGD, with or without momentum); for the others it is inf and never binds.
     """
     clip_z = _positive("clip_z", clip_z)
     latched_sigma = _positive("latched_sigma", latched_sigma)
@@ -168,11 +189,16 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
             raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
     def init():
-        return AutoState(0.0, INF)
+        return AutoState(0.0, INF, INF)
 
     def update(state, norm, signals, xp):
         enabled = xp.maximum(state.enabled, signals.explosion)
-        active = xp.maximum(enabled, signals.spike)
+        # A lone spike whose update the weights absorb is left alone (growth that does not feed on
+        # itself is not an explosion): under a tenth of the update ceiling, an SGD step of at most 1%
+        # of the weights (10% carried on by momentum 0.9). Where the ceiling is unknown (Adam-like
+        # optimizers) every spike is clipped on its own step.
+        absorbed = xp.asfloat(xp.isfinite(state.ceiling)) * xp.asfloat(norm < SPIKE_SHARE_OF_CEILING * state.ceiling)
+        active = xp.maximum(enabled, signals.spike * (1.0 - absorbed))
         latched = enabled > 0
         # The anchor starts at the tracker's level on the latch step (or when the host closed the latch).
         anchor = xp.where(xp.isfinite(state.log_anchor), state.log_anchor, signals.log_level)
@@ -186,10 +212,51 @@ def auto(clip_z: float = 2.5, fall: float = 0.9, rise: float = 0.1, latched_sigm
         weight = xp.where(jump > log_threshold - level, 0.0, xp.where(x < anchor, fall, rise))
         new_anchor = xp.where(latched, anchor + weight * (x - anchor), INF)
         threshold = xp.where(active > 0, xp.exp(log_threshold), INF)
-        return threshold, AutoState(enabled, new_anchor)
+        # The update ceiling, shown as the threshold only on the steps it binds (a healthy run's log
+        # stays free of a threshold it never meets).
+        threshold = xp.minimum(threshold, xp.where(norm > state.ceiling, state.ceiling, INF))
+        return threshold, AutoState(enabled, new_anchor, state.ceiling)
 
     return ClipPolicy("auto", init, update, "auto: off until a spike or an explosion, then adaptive "
-                      "(held below an explosion)", latch="enabled")
+                      "(held below an explosion); never above the update ceiling", latch="enabled",
+                      ceiling="ceiling", verdict_without_state="quiet")
+
+
+# How far SGD may move the weights, relative to their norm, before the step itself is the divergence.
+# One step: 10% (healthy runs apply 0.01%..5% per step, see DetectorConfig; LARS-style trust ratios
+# keep it near 0.1%). One gradient, all told (momentum carries it on): the weights' own norm, the
+# exploding detector's ``update_ratio``. With momentum 0.9 the two coincide. Over the validation
+# suite's healthy SGD runs (lr up to 0.1, momentum 0.9, the first 60 steps) the largest was 0.046 per
+# step and 0.46 all told (a 20-layer BN MLP's first step): a margin of 2x.
+STEP_UPDATE_RATIO = 0.1
+CARRIED_UPDATE_RATIO = 1.0
+# A lone spike below this share of the ceiling moves the weights by at most 1% in one SGD step: inside
+# what healthy runs do, so ``auto`` does not clip it (the late-training spikes of healthy SGD runs, a
+# batch 10x+ above a level near zero, sit at 1-3% of their ceiling).
+SPIKE_SHARE_OF_CEILING = 0.1
+
+
+def sgd_gain(lr: float, momentum: float = 0.0, dampening: float = 0.0) -> float | None:
+    """How much SGD's update, measured against its limit, grows per unit of gradient norm: the step
+    applies ``lr * g`` (limit: ``STEP_UPDATE_RATIO`` of the weights), and momentum carries the same
+    gradient on, ``momentum**k`` of it k steps later, so one gradient moves the weights by
+    ``lr * (1 - dampening) / (1 - momentum)`` times itself all told (limit: ``CARRIED_UPDATE_RATIO``;
+    Nesterov's look-ahead shifts when, not how much). ``update_ceiling`` divides the weights' norm
+    by this. None where momentum is not below 1."""
+    if not 0.0 <= momentum < 1.0:
+        return None  # (not a momentum SGD can run with)
+    lr, carried = float(lr), float(lr) * (1.0 - float(dampening)) / (1.0 - float(momentum))
+    return max(lr / STEP_UPDATE_RATIO, carried / CARRIED_UPDATE_RATIO)
+
+
+def update_ceiling(weight_norm: float | None, gain: float | None) -> float:
+    """The largest global gradient norm whose update stays within its limits: ``|w| / gain`` (see
+    ``sgd_gain``). ``inf`` (no ceiling) when the optimizer's update does not scale with the gradient
+    (``gain`` None: Adam and other normalising optimizers, whose step size is their learning rate
+    whatever the norm, so a clip does not bound it) or when the weights have no scale yet (all zero)."""
+    if gain is None or not 0 < gain < INF or weight_norm is None or not math.isfinite(weight_norm) or not weight_norm > 0:
+        return INF
+    return float(weight_norm / gain)
 
 
 def percentile(p: float = 10.0, history: int = 1000) -> ClipPolicy:

@@ -64,6 +64,11 @@ class DetectorConfig:
     # ...or a large one followed by the weights' norm doubling by the next measurement: the update fed on
     # itself (after an ordinary step the total weight norm moves by a few percent, not 2x).
     weight_growth: float = 2.0
+    # ...or, under clip='auto' with SGD, a step whose gradient was this many times over the update ceiling
+    # (the norm at which the step moves the weights by 10%, or the gradient carried on by momentum by 100%):
+    # an update that would have been >= 100% of the weights in one step. Healthy SGD runs stay under 0.5x
+    # of the ceiling (validation suite); runs explosive from their first step reach 24-1000x.
+    ceiling_excess: float = 10.0
     # The spike tracker confirms an excursion from 2 elevated steps, which is right for clipping (it must
     # protect at once) but not for a finding: recurrent nets and large-batch nets late in training show
     # bursts of 2-5 steps of 10-70x that return by themselves. An explosion feeds on itself: the norm
@@ -122,7 +127,7 @@ class DetectorConfig:
         if self.update_ratio < self.update_ratio_warning:
             raise ValueError(f"update_ratio ({self.update_ratio!r}) must be >= update_ratio_warning "
                              f"({self.update_ratio_warning!r})")
-        for name in ("explosion_update_growth", "divergence_factor", "weight_growth"):
+        for name in ("explosion_update_growth", "divergence_factor", "weight_growth", "ceiling_excess"):
             value = getattr(self, name)
             if not value > 1.0:
                 raise ValueError(f"{name} must be > 1, got {value!r}")
@@ -394,6 +399,27 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         state["large_update"] = [window.last_step, ratio, weight_norm or 0.0] if ratio > cfg.update_ratio_warning \
             else None
 
+    # 2b. updates that would have dwarfed the weights, held by clip='auto''s update ceiling (SGD): the
+    # measured update then stays small, but the learning rate or init is wrong from the start. As for
+    # measured updates, it takes two such steps (one bad batch is not a learning rate the weights cannot
+    # sustain), or the very first step (no history: the init or learning rate itself).
+    ceiling = window.policy_state.get("ceiling")
+    if (ceiling is not None and 0 < ceiling < math.inf and window.global_norm_max >= cfg.ceiling_excess * ceiling
+            and window.trace is not None and window.trace_first_step is not None):
+        over = np.flatnonzero(window.trace[:, 0] >= cfg.ceiling_excess * ceiling)
+        first = window.trace_first_step + int(over[0]) if len(over) else None
+        held = first is not None and (len(over) >= 2 or first == 0)
+    else:
+        held, first = False, None
+    if held:
+        excess = window.global_norm_max / ceiling
+        at = first if first == 0 else window.trace_first_step + int(over[1])
+        reasons.append(f"an optimizer step would have changed the weights {excess:.3g}x more than they bear (10% "
+                       "of their norm per step, their whole norm carried on by momentum); clip='auto' held it")
+        severity = "critical"
+        step = at if step is None else min(step, at)
+        evidence["held_by_update_ceiling"] = excess
+
     # 3. a sustained excursion that the optimizer applied
     if window.max_spike_run >= cfg.explosion_sustain_steps:
         still_up = (base_level is not None and math.isfinite(window.global_norm_last)
@@ -466,7 +492,7 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
     remedies = [REMEDIES["clipping"], REMEDIES["lower_lr"], REMEDIES["init_smaller"], REMEDIES["normalization"]]
     if lr_hint:
         remedies.insert(0, remedies.pop(1))
-    if policy_name == "auto" and clip_enabled_now:
+    if policy_name == "auto":  # (the monitor closes the latch on every exploding finding, if not yet closed)
         tail = " Clipping is now on (clip='auto')."
     elif policy_name == "none":
         tail = " Gradients are not being clipped (clip=None)."

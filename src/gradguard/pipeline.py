@@ -243,6 +243,10 @@ class Pipeline:
         self.trace_size = min(max(stats.TRACE_SIZE, self.every), 4096)
         self.layout = StateLayout(self.initial_state())
         self.latch = stats.latch_key(self.policy)
+        self.ceiling = stats.ceiling_key(self.policy)
+        # How far the optimizer moves the weights per unit of gradient norm (``clipping.sgd_gain``), set
+        # by the adapter from its optimizer; None where the update does not scale with the gradient.
+        self.optimizer_gain: float | None = None
         self.step = 0  # optimizer steps seen, skipped ones included
 
     # -------------------------------------------------------------- per step
@@ -290,7 +294,15 @@ class Pipeline:
         state.update(stats.reset_window(self.n_layers))
         if decision.enable_clipping and self.latch is not None:
             state[self.latch] = np.float32(1.0)
+        if snapshot is not None and snapshot.weight_norm is not None:
+            self.set_ceiling(state, float(np.sqrt(np.nansum(np.square(np.asarray(snapshot.weight_norm, np.float64))))))
         return decision, state
+
+    def set_ceiling(self, state: dict[str, Any], weight_norm: float | None) -> None:
+        """Write the policy's update ceiling (``clipping.update_ceiling``) for weights of norm
+        ``weight_norm`` (the trainable weights, all layers) and the adapter's ``optimizer_gain``."""
+        if self.ceiling is not None:
+            state[self.ceiling] = np.float32(clipping.update_ceiling(weight_norm, self.optimizer_gain))
 
     def enable_clipping(self, state: dict[str, Any], one: Any) -> None:
         """Close the policy's latch in ``state`` (``one``: a 1.0 of the state's array type)."""
@@ -346,7 +358,10 @@ class Pipeline:
         old_policy = saved.get("policy")
         old_pol = sorted(k for k in old if k.startswith(stats.POLICY_PREFIX))
         new_pol = sorted(k for k in fresh if k.startswith(stats.POLICY_PREFIX))
-        same_policy = old_pol == new_pol and all(np.shape(old[k]) == np.shape(fresh[k]) for k in new_pol) and (
+        if old_policy == self.policy.name and set(old_pol) < set(new_pol):
+            old_pol = new_pol  # the same policy saved before a field was added: the new field starts fresh
+        same_policy = old_pol == new_pol and all(k not in old or np.shape(old[k]) == np.shape(fresh[k])
+                                                 for k in new_pol) and (
             old_policy is None or old_policy == self.policy.name)
         if not same_policy:
             warn_user(f"gradguard: the checkpoint's clip policy was {old_policy or old_pol!r}, this run's is "

@@ -124,6 +124,11 @@ def latch_key(policy: ClipPolicy) -> str | None:
     return None if policy.latch is None else POLICY_PREFIX + policy.latch
 
 
+def ceiling_key(policy: ClipPolicy) -> str | None:
+    """The flat-state key of the policy's update-ceiling field (see ``ClipPolicy.ceiling``), or None."""
+    return None if policy.ceiling is None else POLICY_PREFIX + policy.ceiling
+
+
 def policy_keys(state: Mapping[str, Any]) -> list[str]:
     return [k for k in state if k.startswith(POLICY_PREFIX)]
 

@@ -60,7 +60,9 @@ def test_tiny_init_tanh_vanishes_and_blames_the_init():
 
 def explosive_mlp():
     torch.manual_seed(0)
-    return mlp(4, init=lambda l: (nn.init.normal_(l.weight, std=0.2), nn.init.zeros_(l.bias)))
+    # std 0.25 at lr 0.5: diverges on any thread count (at std 0.2 the run is chaotic: it diverged on
+    # 1 thread and not on 2, from float rounding alone)
+    return mlp(4, init=lambda l: (nn.init.normal_(l.weight, std=0.25), nn.init.zeros_(l.bias)))
 
 
 def test_bad_init_explodes_without_help():

@@ -78,6 +78,14 @@ class DetectorConfig:
     # over its lowest level of the run, rising on each of ``divergence_windows`` log windows that span at
     # least ``divergence_min_steps`` steps, while the applied update grows by explosion_update_growth.
     divergence_factor: float = 100.0
+    # ...or this much (sqrt(divergence_factor)) when the weights themselves ran away too: their total norm
+    # grew ``weight_growth`` (2x) over its lowest value of the run (after the first min_steps). A bounded loss (tanh
+    # features, LayerNorm, cross-entropy) caps how far the gradient can grow, so a learning rate that
+    # outgrows the weights shows as 10-30x in the gradient and 2-1000x in the weights (measured: a tanh MLP
+    # whose SGD lr ramps up after 300 healthy steps: gradient 25x, weights 20x; a Transformer under AdamW:
+    # gradient 28x, weights 2.5x as its loss rose). Healthy training moves the total weight norm by a few
+    # percent to ~1.5x (weight decay shrinks it), and its gradient does not climb 10x with it.
+    divergence_factor_runaway: float = 10.0
     divergence_windows: int = 3
     divergence_min_steps: int = 30
 
@@ -122,7 +130,7 @@ class DetectorConfig:
         if self.update_ratio < self.update_ratio_warning:
             raise ValueError(f"update_ratio ({self.update_ratio!r}) must be >= update_ratio_warning "
                              f"({self.update_ratio_warning!r})")
-        for name in ("explosion_update_growth", "divergence_factor", "weight_growth"):
+        for name in ("explosion_update_growth", "divergence_factor", "divergence_factor_runaway", "weight_growth"):
             value = getattr(self, name)
             if not value > 1.0:
                 raise ValueError(f"{name} must be > 1, got {value!r}")
@@ -433,20 +441,36 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
             # baseline would follow a slow rise)
             before = state.get("floor_update")
             update_grew = ratio is None or (before is not None and ratio >= cfg.explosion_update_growth * before)
+            # the weights running away are a second witness: a smaller gradient growth suffices
+            w_floor = state.get("floor_weight")
+            ran_away = (weight_norm is not None and w_floor is not None and w_floor > 0
+                        and weight_norm >= cfg.weight_growth * w_floor)
+            factor = cfg.divergence_factor_runaway if ran_away else cfg.divergence_factor
             # ...and well above where the run started too: a healthy run whose gradient fell 100x as its
             # loss went to zero and then rose back towards its early level is not diverging.
             early = state.get("early")
             above_start = early is None or mean >= math.sqrt(cfg.divergence_factor) * early
-            if (floor is not None and floor > 0 and mean >= cfg.divergence_factor * floor and above_start
+            if (floor is not None and floor > 0 and mean >= factor * floor and above_start
                     and len(rising) >= cfg.divergence_windows and update_grew):
                 span = window.last_step - rising[0][0] + 1
                 reasons.append(f"the global gradient norm has grown {mean / floor:.3g}x over its lowest level "
-                               f"and kept rising for {span} steps")
+                               f"and kept rising for {span} steps"
+                               + (f", while the weights' norm grew {weight_norm / w_floor:.3g}x" if ran_away else ""))
                 step = window.last_step if step is None else min(step, window.last_step)
                 evidence.update(growth_over_floor=mean / floor, rising_for_steps=span)
+                if ran_away:
+                    evidence["weight_growth_over_floor"] = weight_norm / w_floor
             if seg[0] >= cfg.min_steps and mean > 0:  # the first steps' norm is the init's, not the run's level
                 if floor is None or mean < floor:
-                    state["floor"], state["floor_update"] = mean, base_update if base_update is not None else ratio
+                    # the references stay the quietest the run has been: a gradient that dips while the run
+                    # diverges (its loss back at chance) must not re-base them to the ramped-up update
+                    update_now = base_update if base_update is not None else ratio
+                    old_update = state.get("floor_update")
+                    state["floor"] = mean
+                    state["floor_update"] = update_now if old_update is None or update_now is None \
+                        else min(old_update, update_now)
+                if weight_norm is not None and math.isfinite(weight_norm) and weight_norm > 0:
+                    state["floor_weight"] = min(state.get("floor_weight", weight_norm), weight_norm)
                 state.setdefault("early", mean)
 
     # The run's own baselines, from log steps with nothing unusual in their window.

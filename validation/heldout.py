@@ -496,22 +496,23 @@ def _(opts, steps=700):
     return torch_result(g, m, l, n)
 
 
-@hcase("moe_dead_experts_negative_bias", "torch", expected={"dead"}, acceptable={"vanishing"},
-       note="control: hand-written top-1 MoE whose experts' hidden ReLUs start dead (bias -10). KNOWN MISS: "
-            "every unit of the branch died at once, so the branch looks like an unrouted expert (see README Limitations)")
-def _(opts, steps=200):
+def _handwritten_moe(n=8, w=64, dead_bias=None):
     torch = _torch()
     from torch import nn
-    torch.manual_seed(0)
 
     class MoE(nn.Module):
-        def __init__(self, n=4, w=64):
+        """Top-1 routing over experts that are modules of their own (Switch-style, older transformers):
+        an expert no sample chose gets no gradient at all on that step; one chosen by 1-2 samples
+        has most of its hidden ReLUs silent on that step."""
+
+        def __init__(self):
             super().__init__()
             self.inp = nn.Linear(64, w)
             self.router = nn.Linear(w, n)
             self.experts = nn.ModuleList(nn.Sequential(nn.Linear(w, 128), nn.ReLU(), nn.Linear(128, w)) for _ in range(n))
-            for e in self.experts:
-                nn.init.constant_(e[0].bias, -10.0)
+            if dead_bias is not None:
+                for e in self.experts:
+                    nn.init.constant_(e[0].bias, dead_bias)
             self.out = nn.Linear(w, 10)
 
         def forward(self, x):
@@ -524,7 +525,28 @@ def _(opts, steps=200):
                 if sel.any():
                     y[sel] = e(h[sel]) * gate[sel, i:i + 1]
             return self.out(h + y)
-    m = MoE()
+    return MoE()
+
+
+@hcase("moe_top1_of8_handwritten_batch16", "torch",
+       note="hand-written top-1 MoE, 8 expert modules, batch 16: experts unrouted or fed 1-2 samples per step")
+def _(opts, steps=300):
+    torch = _torch()
+    torch.manual_seed(0)
+    m = _handwritten_moe()
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    g, l, n = torch_loop(m, opt, digits_torch(16), lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]),
+                         steps, opts)
+    return torch_result(g, m, l, n)
+
+
+@hcase("moe_dead_experts_negative_bias", "torch", expected={"dead"}, acceptable={"vanishing"},
+       note="control: hand-written top-1 MoE whose experts' hidden ReLUs start dead (bias -10). KNOWN MISS: "
+            "every unit of the branch died at once, so the branch looks like an unrouted expert (see README Limitations)")
+def _(opts, steps=200):
+    torch = _torch()
+    torch.manual_seed(0)
+    m = _handwritten_moe(n=4, dead_bias=-10.0)
     opt = torch.optim.Adam(m.parameters(), 1e-3)
     g, l, n = torch_loop(m, opt, digits_torch(64), lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]),
                          steps, opts)

@@ -63,6 +63,9 @@ class DetectorConfig:
     update_ratio: float = 1.0  # one update larger than the weights themselves: divergence at once
     # ...or a large one followed by the weights' norm doubling by the next measurement: the update fed on
     # itself (after an ordinary step the total weight norm moves by a few percent, not 2x).
+    # The same factor between any two log steps, with the applied update >= explosion_update_growth x the
+    # run's quietest, is a divergence too: where the gradient cannot grow (tanh features, a softmax
+    # saturating to an exactly zero gradient) the weights still show it (measured: 19 -> 112 in 50 steps).
     weight_growth: float = 2.0
     # The spike tracker confirms an excursion from 2 elevated steps, which is right for clipping (it must
     # protect at once) but not for a finding: recurrent nets and large-batch nets late in training show
@@ -402,6 +405,24 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         state["large_update"] = [window.last_step, ratio, weight_norm or 0.0] if ratio > cfg.update_ratio_warning \
             else None
 
+    # 2b. the weights ran away between two measurements: their total norm at least doubled
+    # (``weight_growth``) since the last log step that measured it, while the applied update is far above
+    # the run's quietest (``explosion_update_growth``). A learning rate that outgrew the weights does this
+    # even where the gradient cannot grow (tanh features, a softmax that saturates to a zero gradient);
+    # healthy training moves the total weight norm by a few percent between log steps.
+    last_w = state.get("last_weight")  # [step, total weight norm] of the last measurement
+    quietest = state.get("floor_update")
+    if (weight_norm is not None and last_w is not None and last_w[1] > 0 and last_w[0] >= cfg.min_steps
+            and weight_norm >= cfg.weight_growth * last_w[1] and ratio is not None and quietest
+            and ratio >= cfg.explosion_update_growth * quietest):
+        reasons.append(f"the weights' norm grew {weight_norm / last_w[1]:.3g}x between steps {last_w[0]} and "
+                       f"{window.last_step} while the applied update was {ratio / quietest:.3g}x the run's quietest")
+        step = window.last_step if step is None else min(step, window.last_step)
+        evidence.update(weight_growth_between_measurements=weight_norm / last_w[1],
+                        update_growth_over_quietest=ratio / quietest)
+    if weight_norm is not None and math.isfinite(weight_norm) and weight_norm > 0:
+        state["last_weight"] = [window.last_step, weight_norm]
+
     # 3. a sustained excursion that the optimizer applied
     if window.max_spike_run >= cfg.explosion_sustain_steps:
         still_up = (base_level is not None and math.isfinite(window.global_norm_last)
@@ -443,8 +464,8 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
             update_grew = ratio is None or (before is not None and ratio >= cfg.explosion_update_growth * before)
             # the weights running away are a second witness: a smaller gradient growth suffices
             w_floor = state.get("floor_weight")
-            ran_away = (weight_norm is not None and w_floor is not None and w_floor > 0
-                        and weight_norm >= cfg.weight_growth * w_floor)
+            w_now = weight_norm if weight_norm is not None else (last_w[1] if last_w else None)  # last measured
+            ran_away = w_now is not None and w_floor is not None and w_floor > 0 and w_now >= cfg.weight_growth * w_floor
             factor = cfg.divergence_factor_runaway if ran_away else cfg.divergence_factor
             # ...and well above where the run started too: a healthy run whose gradient fell 100x as its
             # loss went to zero and then rose back towards its early level is not diverging.
@@ -455,11 +476,11 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
                 span = window.last_step - rising[0][0] + 1
                 reasons.append(f"the global gradient norm has grown {mean / floor:.3g}x over its lowest level "
                                f"and kept rising for {span} steps"
-                               + (f", while the weights' norm grew {weight_norm / w_floor:.3g}x" if ran_away else ""))
+                               + (f", while the weights' norm grew {w_now / w_floor:.3g}x" if ran_away else ""))
                 step = window.last_step if step is None else min(step, window.last_step)
                 evidence.update(growth_over_floor=mean / floor, rising_for_steps=span)
                 if ran_away:
-                    evidence["weight_growth_over_floor"] = weight_norm / w_floor
+                    evidence["weight_growth_over_floor"] = w_now / w_floor
             if seg[0] >= cfg.min_steps and mean > 0:  # the first steps' norm is the init's, not the run's level
                 if floor is None or mean < floor:
                     # the references stay the quietest the run has been: a gradient that dips while the run

@@ -152,3 +152,25 @@ def test_mixture_of_experts_with_checkpointing_is_not_a_finding():
     assert guard.findings == []
     names = {n for n, _ in m.named_modules()}
     assert all(layer.name in names for layer in guard.layers)
+
+
+@pytest.mark.slow  # a subprocess per Keras backend
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_keras_divergence_after_300_healthy_steps(tmp_path, backend):
+    """The same ramp under model.fit, through validation/heldout.py in a subprocess (Keras fixes its
+    backend at import). On JAX the saturated softmax then zeroes the gradient exactly (Keras clips the
+    probabilities), so only the weights show the divergence: their norm grew 6x in one log interval."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "r.jsonl"
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    subprocess.run([sys.executable, os.path.join(root, "validation", "heldout.py"), "--host", f"keras-{backend}",
+                    "--only", "keras_mlp_lr_ramp_after_300", "--out", str(out), "--child"],
+                   env=env, cwd=str(tmp_path), check=True, capture_output=True, timeout=900)
+    (r,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert r["ok"], r
+    exploding = [f for f in r["found"] if f["kind"] == "exploding"]
+    assert exploding and 300 <= exploding[0]["step"] <= 500

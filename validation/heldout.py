@@ -445,6 +445,71 @@ def _(opts, steps=300):
     return torch_result(g, m, l, n)
 
 
+@hcase("plain_conv_16_layers_he_sgd", "torch", note="16 3x3 convs, ReLU, He init, no normalization or skips, SGD 0.01")
+def _(opts, steps=300):
+    torch = _torch()
+    from torch import nn
+    torch.manual_seed(0)
+    layers, ch = [], 1
+    for i in range(16):
+        conv = nn.Conv2d(ch, 16, 3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU()]
+        ch = 16
+    m = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 64, 10))
+    opt = torch.optim.SGD(m.parameters(), 0.01, momentum=0.9)
+    g, l, n = torch_loop(m, opt, digits_torch(32, image=True),
+                         lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]), steps, opts)
+    return torch_result(g, m, l, n)
+
+
+@hcase("postnorm_transformer_12_layers_warmup", "torch",
+       note="nn.TransformerEncoder, 12 post-norm layers, AdamW 5e-4 with 50 warm-up steps: far-from-flat profile")
+def _(opts, steps=200):
+    torch = _torch()
+    from torch import nn
+    torch.manual_seed(0)
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 64)
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True), 12,
+                                                 enable_nested_tensor=False)
+            self.head = nn.Linear(64, 20)
+
+        def forward(self, s):
+            return self.head(self.encoder(self.emb(s)))
+    m = Enc()
+    g0 = torch.Generator().manual_seed(0)
+
+    def batch(step):
+        s = torch.randint(0, 20, (16, 10), generator=g0)
+        return s, s.flip(1)
+    opt = torch.optim.AdamW(m.parameters(), 5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+
+    def loss(mm, b):
+        out = torch.nn.functional.cross_entropy(mm(b[0]).reshape(-1, 20), b[1].reshape(-1))
+        return out
+    g, l, n = torch_loop(m, opt, batch, loss, steps, opts, on_step=lambda s, o: sched.step() if s else None)
+    return torch_result(g, m, l, n)
+
+
+@hcase("gpt2_8_layers_checkpointing_tied", "torch", note="HF GPT-2, 8 layers, tied embeddings, gradient checkpointing")
+def _(opts, steps=200):
+    torch, tf = _torch(), _hf()
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=8, n_head=2, n_embd=32, vocab_size=32, n_positions=32, bos_token_id=0, eos_token_id=0)
+    m = tf.GPT2LMHeadModel(cfg)
+    m.gradient_checkpointing_enable()
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), 1e-3)
+    g, l, n = torch_loop(m, opt, copy_batches(bs=8), hf_lm_loss, steps, opts)
+    return torch_result(g, m, l, n)
+
+
 def _ramp(start, rate):
     """LR multiplied by ``rate`` every step from ``start``: healthy until then, diverging slowly after."""
     def on_step(step, opt):
@@ -814,6 +879,17 @@ def _(opts, steps=400):
     m = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64, activation="relu"),
                           keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10, activation="softmax")])
     return keras_fit(m, x, y, steps, 2, opts, keras.optimizers.SGD(0.01))
+
+
+@hcase("keras_mlp_batch1_oscillating", "keras",
+       note="batch size 1, Adam 1e-3, 400 samples: per-sample gradients, oscillating loss")
+def _(opts, steps=400):
+    keras = _keras()
+    keras.utils.set_random_seed(0)
+    x, y = _digits()
+    m = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
+                          keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+    return keras_fit(m, x[:400], y[:400], steps, 1, opts, keras.optimizers.Adam(1e-3))
 
 
 @hcase("keras_mlp_lr_ramp_after_300", "keras", expected={"exploding"}, acceptable={"nonfinite", "dead", "saturated", "vanishing"},

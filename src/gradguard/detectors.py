@@ -63,10 +63,11 @@ class DetectorConfig:
     update_ratio: float = 1.0  # one update larger than the weights themselves: divergence at once
     # ...or a large one followed by the weights' norm doubling by the next measurement: the update fed on
     # itself (after an ordinary step the total weight norm moves by a few percent, not 2x).
-    # The same factor between any two log steps, with the applied update >= explosion_update_growth x the
-    # run's quietest, is a divergence too: where the gradient cannot grow (tanh features, a softmax
+    # The same factor within weight_runaway_steps steps, with the applied update >= explosion_update_growth
+    # x the run's quietest, is a divergence too: where the gradient cannot grow (tanh features, a softmax
     # saturating to an exactly zero gradient) the weights still show it (measured: 19 -> 112 in 50 steps).
     weight_growth: float = 2.0
+    weight_runaway_steps: int = 50  # ...within this many optimizer steps (a 4%/step runaway doubles in 18)
     # The spike tracker confirms an excursion from 2 elevated steps, which is right for clipping (it must
     # protect at once) but not for a finding: recurrent nets and large-batch nets late in training show
     # bursts of 2-5 steps of 10-70x that return by themselves. An explosion feeds on itself: the norm
@@ -122,7 +123,7 @@ class DetectorConfig:
             raise ValueError(f"saturation_fraction must be in (0, 1], got {self.saturation_fraction!r}")
         for name in ("min_steps", "dead_snapshots", "dead_min_steps", "temporal_min_steps",
                      "temporal_min_measurements", "explosion_sustain_steps", "divergence_windows",
-                     "divergence_min_steps", "saturation_snapshots"):
+                     "divergence_min_steps", "saturation_snapshots", "weight_runaway_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -405,23 +406,29 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         state["large_update"] = [window.last_step, ratio, weight_norm or 0.0] if ratio > cfg.update_ratio_warning \
             else None
 
-    # 2b. the weights ran away between two measurements: their total norm at least doubled
-    # (``weight_growth``) since the last log step that measured it, while the applied update is far above
-    # the run's quietest (``explosion_update_growth``). A learning rate that outgrew the weights does this
-    # even where the gradient cannot grow (tanh features, a softmax that saturates to a zero gradient);
-    # healthy training moves the total weight norm by a few percent between log steps.
-    last_w = state.get("last_weight")  # [step, total weight norm] of the last measurement
+    # 2b. the weights ran away: their total norm at least doubled (``weight_growth``) within
+    # ``weight_runaway_steps`` optimizer steps (against the smallest measurement in that span, or the last
+    # one when the user logs less often), while the applied update is far above the run's quietest
+    # (``explosion_update_growth``). A learning rate that outgrew the weights does this even where the
+    # gradient cannot grow (tanh features, a softmax that saturates to a zero gradient).
+    seen = state.setdefault("weights_seen", [])  # [step, total weight norm] of recent measurements
+    recent = [w for s_, w in seen if s_ >= window.last_step - cfg.weight_runaway_steps]
+    ref = min(recent) if recent else (seen[-1][1] if seen else None)
+    ref_step = next((s_ for s_, w in seen if w == ref), None)
     quietest = state.get("floor_update")
-    if (weight_norm is not None and last_w is not None and last_w[1] > 0 and last_w[0] >= cfg.min_steps
-            and weight_norm >= cfg.weight_growth * last_w[1] and ratio is not None and quietest
-            and ratio >= cfg.explosion_update_growth * quietest):
-        reasons.append(f"the weights' norm grew {weight_norm / last_w[1]:.3g}x between steps {last_w[0]} and "
+    if (weight_norm is not None and ref is not None and ref > 0 and ref_step is not None
+            and ref_step >= cfg.min_steps and weight_norm >= cfg.weight_growth * ref
+            and ratio is not None and quietest and ratio >= cfg.explosion_update_growth * quietest):
+        reasons.append(f"the weights' norm grew {weight_norm / ref:.3g}x between steps {ref_step} and "
                        f"{window.last_step} while the applied update was {ratio / quietest:.3g}x the run's quietest")
         step = window.last_step if step is None else min(step, window.last_step)
-        evidence.update(weight_growth_between_measurements=weight_norm / last_w[1],
-                        update_growth_over_quietest=ratio / quietest)
+        evidence.update(weight_growth_in_span=weight_norm / ref, update_growth_over_quietest=ratio / quietest)
+    last_w = seen[-1] if seen else None
     if weight_norm is not None and math.isfinite(weight_norm) and weight_norm > 0:
-        state["last_weight"] = [window.last_step, weight_norm]
+        seen.append([window.last_step, weight_norm])
+        # keep the span, plus the last measurement before it
+        while len(seen) > 2 and seen[1][0] < window.last_step - cfg.weight_runaway_steps:
+            seen.pop(0)
 
     # 3. a sustained excursion that the optimizer applied
     if window.max_spike_run >= cfg.explosion_sustain_steps:

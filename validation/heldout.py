@@ -700,7 +700,10 @@ def _(opts, steps=150):
     return torch_result(cb, m, m.losses, [])
 
 
-@hcase("lightning_frozen_backbone_finetune", "lightning", note="pre-trained-style conv backbone frozen, new head")
+@hcase("lightning_frozen_backbone_finetune", "lightning", acceptable={"dead"},
+       note="conv backbone frozen, new head. Borderline: measured on the whole data at the end, 45% of the head's "
+            "hidden ReLUs never activate (the frozen random backbone feeds a narrow band of features); logging "
+            "every 10 steps gradguard reports 50% of them silent on every sampled step")
 def _(opts, steps=150):
     torch, pl = _torch(), _pl()
     from torch import nn

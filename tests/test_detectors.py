@@ -159,6 +159,35 @@ def test_slow_divergence_after_hundreds_of_healthy_steps(log_every):
     assert "kept rising" in f.message
 
 
+@pytest.mark.parametrize("log_every", [10, 50])
+def test_weights_that_run_away_while_the_gradient_cannot_grow_are_exploding(log_every):
+    # Keras on JAX, lr ramping after 300 healthy steps: the gradient stays at its level (a bounded loss;
+    # later an exactly zero gradient from a saturated softmax) while the weights' norm goes 19 -> 112
+    # in 50 steps and the applied update is 10x the run's quietest.
+    rng = np.random.default_rng(16)
+    norms = noisy(1.0, 600, rng, 0.2)
+    weight = lambda s: 10.0 * (1.0 if s < 400 else 1.04 ** (s - 400))  # doubles in ~18 steps
+
+    def snap(step):
+        w = np.full(4, weight(step) / 2)
+        return stats.Snapshot(weight_norm=w, update_norm=w * (0.002 if step < 400 else 0.03))
+    run = Run(log_every=log_every).advance(norms, snapshot=snap)
+    f = run.kinds()["exploding"]
+    assert 400 < f.step <= 400 + 18 + log_every + 1 and "weights' norm grew" in f.message
+
+
+def test_weights_that_double_with_ordinary_updates_are_not_exploding():
+    # A frozen backbone joins the layers at step 300 (the total weight norm doubles between two log
+    # steps), trained at the run's ordinary update size: nothing runs away.
+    rng = np.random.default_rng(17)
+
+    def snap(step):
+        w = np.full(4, (10.0 if step < 300 else 25.0) / 2)
+        return stats.Snapshot(weight_norm=w, update_norm=w * 0.002)
+    run = Run(log_every=50).advance(noisy(1.0, 600, rng, 0.2), snapshot=snap)
+    assert "exploding" not in run.kinds()
+
+
 def test_a_gradient_that_falls_and_recovers_is_not_divergence():
     # SGD: the norm falls 300x as the loss goes to zero, then rises back towards its early level
     # (e.g. a learning-rate restart); the update follows the gradient. Not a divergence.

@@ -63,12 +63,16 @@ class DetectorConfig:
     update_ratio: float = 1.0  # one update larger than the weights themselves: divergence at once
     # ...or a large one followed by the weights' norm doubling by the next measurement: the update fed on
     # itself (after an ordinary step the total weight norm moves by a few percent, not 2x).
+    # The same factor within weight_runaway_steps steps, with the applied update >= explosion_update_growth
+    # x the run's quietest, is a divergence too: where the gradient cannot grow (tanh features, a softmax
+    # saturating to an exactly zero gradient) the weights still show it (measured: 19 -> 112 in 50 steps).
     weight_growth: float = 2.0
     # ...or, under clip='auto' with SGD, a step whose gradient was this many times over the update ceiling
     # (the norm at which the step moves the weights by 10%, or the gradient carried on by momentum by 100%):
     # an update that would have been >= 100% of the weights in one step. Healthy SGD runs stay under 0.5x
     # of the ceiling (validation suite); runs explosive from their first step reach 24-1000x.
     ceiling_excess: float = 10.0
+    weight_runaway_steps: int = 50  # ...within this many optimizer steps (a 4%/step runaway doubles in 18)
     # The spike tracker confirms an excursion from 2 elevated steps, which is right for clipping (it must
     # protect at once) but not for a finding: recurrent nets and large-batch nets late in training show
     # bursts of 2-5 steps of 10-70x that return by themselves. An explosion feeds on itself: the norm
@@ -83,6 +87,14 @@ class DetectorConfig:
     # over its lowest level of the run, rising on each of ``divergence_windows`` log windows that span at
     # least ``divergence_min_steps`` steps, while the applied update grows by explosion_update_growth.
     divergence_factor: float = 100.0
+    # ...or this much (sqrt(divergence_factor)) when the weights themselves ran away too: their total norm
+    # grew ``weight_growth`` (2x) over its lowest value of the run (after the first min_steps). A bounded loss (tanh
+    # features, LayerNorm, cross-entropy) caps how far the gradient can grow, so a learning rate that
+    # outgrows the weights shows as 10-30x in the gradient and 2-1000x in the weights (measured: a tanh MLP
+    # whose SGD lr ramps up after 300 healthy steps: gradient 25x, weights 20x; a Transformer under AdamW:
+    # gradient 28x, weights 2.5x as its loss rose). Healthy training moves the total weight norm by a few
+    # percent to ~1.5x (weight decay shrinks it), and its gradient does not climb 10x with it.
+    divergence_factor_runaway: float = 10.0
     divergence_windows: int = 3
     divergence_min_steps: int = 30
 
@@ -116,7 +128,7 @@ class DetectorConfig:
             raise ValueError(f"saturation_fraction must be in (0, 1], got {self.saturation_fraction!r}")
         for name in ("min_steps", "dead_snapshots", "dead_min_steps", "temporal_min_steps",
                      "temporal_min_measurements", "explosion_sustain_steps", "divergence_windows",
-                     "divergence_min_steps", "saturation_snapshots"):
+                     "divergence_min_steps", "saturation_snapshots", "weight_runaway_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -127,7 +139,8 @@ class DetectorConfig:
         if self.update_ratio < self.update_ratio_warning:
             raise ValueError(f"update_ratio ({self.update_ratio!r}) must be >= update_ratio_warning "
                              f"({self.update_ratio_warning!r})")
-        for name in ("explosion_update_growth", "divergence_factor", "weight_growth", "ceiling_excess"):
+        for name in ("explosion_update_growth", "divergence_factor", "divergence_factor_runaway", "weight_growth",
+                     "ceiling_excess"):
             value = getattr(self, name)
             if not value > 1.0:
                 raise ValueError(f"{name} must be > 1, got {value!r}")
@@ -419,6 +432,29 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
         severity = "critical"
         step = at if step is None else min(step, at)
         evidence["held_by_update_ceiling"] = excess
+    # 2c. the weights ran away: their total norm at least doubled (``weight_growth``) within
+    # ``weight_runaway_steps`` optimizer steps (against the smallest measurement in that span, or the last
+    # one when the user logs less often), while the applied update is far above the run's quietest
+    # (``explosion_update_growth``). A learning rate that outgrew the weights does this even where the
+    # gradient cannot grow (tanh features, a softmax that saturates to a zero gradient).
+    seen = state.setdefault("weights_seen", [])  # [step, total weight norm] of recent measurements
+    recent = [w for s_, w in seen if s_ >= window.last_step - cfg.weight_runaway_steps]
+    ref = min(recent) if recent else (seen[-1][1] if seen else None)
+    ref_step = next((s_ for s_, w in seen if w == ref), None)
+    quietest = state.get("floor_update")
+    if (weight_norm is not None and ref is not None and ref > 0 and ref_step is not None
+            and ref_step >= cfg.min_steps and weight_norm >= cfg.weight_growth * ref
+            and ratio is not None and quietest and ratio >= cfg.explosion_update_growth * quietest):
+        reasons.append(f"the weights' norm grew {weight_norm / ref:.3g}x between steps {ref_step} and "
+                       f"{window.last_step} while the applied update was {ratio / quietest:.3g}x the run's quietest")
+        step = window.last_step if step is None else min(step, window.last_step)
+        evidence.update(weight_growth_in_span=weight_norm / ref, update_growth_over_quietest=ratio / quietest)
+    last_w = seen[-1] if seen else None
+    if weight_norm is not None and math.isfinite(weight_norm) and weight_norm > 0:
+        seen.append([window.last_step, weight_norm])
+        # keep the span, plus the last measurement before it
+        while len(seen) > 2 and seen[1][0] < window.last_step - cfg.weight_runaway_steps:
+            seen.pop(0)
 
     # 3. a sustained excursion that the optimizer applied
     if window.max_spike_run >= cfg.explosion_sustain_steps:
@@ -459,20 +495,36 @@ def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapsh
             # baseline would follow a slow rise)
             before = state.get("floor_update")
             update_grew = ratio is None or (before is not None and ratio >= cfg.explosion_update_growth * before)
+            # the weights running away are a second witness: a smaller gradient growth suffices
+            w_floor = state.get("floor_weight")
+            w_now = weight_norm if weight_norm is not None else (last_w[1] if last_w else None)  # last measured
+            ran_away = w_now is not None and w_floor is not None and w_floor > 0 and w_now >= cfg.weight_growth * w_floor
+            factor = cfg.divergence_factor_runaway if ran_away else cfg.divergence_factor
             # ...and well above where the run started too: a healthy run whose gradient fell 100x as its
             # loss went to zero and then rose back towards its early level is not diverging.
             early = state.get("early")
             above_start = early is None or mean >= math.sqrt(cfg.divergence_factor) * early
-            if (floor is not None and floor > 0 and mean >= cfg.divergence_factor * floor and above_start
+            if (floor is not None and floor > 0 and mean >= factor * floor and above_start
                     and len(rising) >= cfg.divergence_windows and update_grew):
                 span = window.last_step - rising[0][0] + 1
                 reasons.append(f"the global gradient norm has grown {mean / floor:.3g}x over its lowest level "
-                               f"and kept rising for {span} steps")
+                               f"and kept rising for {span} steps"
+                               + (f", while the weights' norm grew {w_now / w_floor:.3g}x" if ran_away else ""))
                 step = window.last_step if step is None else min(step, window.last_step)
                 evidence.update(growth_over_floor=mean / floor, rising_for_steps=span)
+                if ran_away:
+                    evidence["weight_growth_over_floor"] = w_now / w_floor
             if seg[0] >= cfg.min_steps and mean > 0:  # the first steps' norm is the init's, not the run's level
                 if floor is None or mean < floor:
-                    state["floor"], state["floor_update"] = mean, base_update if base_update is not None else ratio
+                    # the references stay the quietest the run has been: a gradient that dips while the run
+                    # diverges (its loss back at chance) must not re-base them to the ramped-up update
+                    update_now = base_update if base_update is not None else ratio
+                    old_update = state.get("floor_update")
+                    state["floor"] = mean
+                    state["floor_update"] = update_now if old_update is None or update_now is None \
+                        else min(old_update, update_now)
+                if weight_norm is not None and math.isfinite(weight_norm) and weight_norm > 0:
+                    state["floor_weight"] = min(state.get("floor_weight", weight_norm), weight_norm)
                 state.setdefault("early", mean)
 
     # The run's own baselines, from log steps with nothing unusual in their window.

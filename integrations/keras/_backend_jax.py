@@ -54,11 +54,37 @@ class JaxApplyHook(ApplyHook):
             self._guarded_apply(go, out, step.trainable_variables)
         else:
             self._apply(out, step.trainable_variables)
-        extras = self._compiled_extras(step, step_now, finite, is_snap)
         # gradguard's own Variables last: the optimizer's update may have written all of its variables.
         self.state_var.assign(new_vec)
         self.step_var.assign(new_step)
-        self.extras_var.assign(jnp.where(is_snap, extras, self.extras_var.value))
+        self._extras(step, step_now, finite, is_snap)
+
+    def _extras(self, step, step_now, finite, is_snap):
+        """The log-step extras and the weight samples in one ``lax.cond`` taken on log steps and
+        on the step before each (whose weights after its update are the log step's "before"):
+        computed every step and selected, they were ~110 of the step's ~175 XLA fusions and
+        most of gradguard's cost (measured on the 0.9M-parameter Dense stack). The branch reads
+        the weights *after* the update only, so the in-place update stays in place."""
+        samples = self.samples_var
+        whole = samples is not None and len(step.pvars) == len(compat.optimizer_trainable_variables(self.optimizer))
+        ahead = jnp.equal(jnp.mod(step_now + 2, self.snapshot_every), 0)
+        if step.is_update is not None:
+            ahead = jnp.logical_and(ahead, step.is_update)
+        extras_old = self.extras_var.value
+        samples_old = samples.value if samples is not None else None
+
+        def taken():
+            extras = self._compiled_extras(step, step_now, finite, True, store_samples=False)
+            extras = jnp.where(is_snap, extras, extras_old)
+            return extras, (self._samples_now(step) if whole else samples_old)
+
+        def not_taken():
+            return extras_old, samples_old
+
+        extras, new_samples = jax.lax.cond(jnp.logical_or(is_snap, ahead), taken, not_taken)
+        self.extras_var.assign(extras)
+        if samples is not None:
+            samples.assign(new_samples)
 
     def _guarded_apply(self, go, grads, trainable_variables):
         """Inside jit the update is a function of the variables' values: run it in a nested

@@ -1,16 +1,22 @@
 """torch: the step runs eagerly, so the host knows the log steps and accumulation micro-steps
-without a sync, and plain torch calls replace ``keras.ops``' per-call dispatch."""
+without a sync, and plain torch calls replace ``keras.ops``' per-call dispatch. On a CPU device
+the bookkeeping runs in numpy on the state Variable's own memory (as ``gradguard.torch`` does
+there): a host read costs nothing on a CPU, and numpy runs the core's ~100 small operations
+about 4x faster than torch's eager dispatch (measured: 70 us against 284 us a step)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from keras import ops
 
+from gradguard import stats
 from gradguard.keras import _compat as compat
 from gradguard.keras._graph import F32, ApplyHook, _add, _max
 from gradguard.torch import torch_ops
+from gradguard.torch._fused import fast_numpy_ops
 
 
 class TorchApplyHook(ApplyHook):
@@ -33,10 +39,25 @@ class TorchApplyHook(ApplyHook):
 
     # ------------------------------------------------------------ primitives
 
+    @property
+    def on_host(self) -> bool:
+        """The state lives in CPU memory: the bookkeeping runs in numpy, the verdict is a float."""
+        return self.state_var is not None and self.state_var.value.device.type == "cpu"
+
     def sum_squares(self, meas):
-        return [n * n for n in torch._foreach_norm(list(meas), 2)]  # one fused kernel launch
+        norms = torch._foreach_norm(list(meas), 2)  # one fused kernel launch
+        if self.on_host:  # float32 numpy scalars: the same float32 products and sums as below
+            sq = torch.stack(norms).numpy()
+            return list(sq * sq)
+        return [n * n for n in norms]
 
     def layer_sums(self, per_layer, state_now):
+        if self.on_host:
+            key = tuple(bool(p) for p in per_layer)
+            if getattr(self, "_has_key_np", None) != key:
+                self._has_key_np, self._has_np = key, np.array([float(k) for k in key], np.float32)
+            zero = np.float32(0.0)
+            return np.array([_add(p) if p else zero for p in per_layer], np.float32), self._has_np
         zero = torch.zeros((), device=state_now.device)
         layer_sq = torch.stack([_add(p) if p else zero for p in per_layer])
         key = tuple(bool(p) for p in per_layer)
@@ -80,7 +101,14 @@ class TorchApplyHook(ApplyHook):
 
     # ------------------------------------------------------------ the step
 
+    def scale(self, g, scale):
+        if isinstance(scale, float):  # the host verdict: a multiply by a Python float (cheapest on CPU)
+            return g * scale
+        return super().scale(g, scale)
+
     def _step(self, step, state_now, step_now, has_grad):
+        if self.on_host:
+            return self._host_step(step, step_now, has_grad)
         step.step_f = step_now.float()  # a copy: the Variable is updated in place below
         scale, finite, new_vec = self._device_step(state_now, step.layer_sq, has_grad)
         self.step_finite = finite
@@ -108,6 +136,40 @@ class TorchApplyHook(ApplyHook):
             before = self._before(step.pvars, step.lidx, step.samples)
             update()
             self.extras_var.assign(self._extras(step, finite, before))
+        else:
+            update()
+
+    def _host_step(self, step, step_now, has_grad):
+        """The same step on a CPU device: the core's ``device_step`` in numpy on a view of the
+        state Variable's memory, written back in place; the verdict comes as Python floats, so
+        the gate and the clip decision cost no sync, and an unclipped step no multiply."""
+        vec = self.state_var.value.detach().numpy()  # shares the Variable's memory
+        scale, finite, new_state = stats.device_step(self.layout.unpack_np(vec), step.layer_sq, has_grad,
+                                                    self.policy, fast_numpy_ops, self.tracker)
+        vec[:] = self.layout.pack_np(new_state)
+        scale, finite = float(scale), float(finite)
+        is_snap = self._py_step == 0 or (self._py_step + 1) % self.snapshot_every == 0
+        if is_snap:
+            step.step_f = step_now.float()  # before the increment
+        self.step_var.value.add_(1)
+        self._py_step += 1
+        go = finite > 0 or not self.skip_nonfinite
+        self.step_finite = finite > 0 if self.skip_nonfinite else finite
+        apply, tv = self._apply, step.trainable_variables
+
+        def update():
+            if not go:
+                self._skip_effects()
+            elif self.apply_clip and scale < 1.0:  # scale is 1.0 exactly when not clipping
+                apply(self._scaled(step, scale), tv)
+            else:
+                apply(step.grads, tv)
+
+        if is_snap:
+            before = self._before(step.pvars, step.lidx, step.samples)
+            update()
+            step.layer_sq = torch.from_numpy(step.layer_sq)
+            self.extras_var.assign(self._extras(step, torch.tensor(finite), before))
         else:
             update()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 from keras import ops
 
@@ -76,21 +78,37 @@ class TFApplyHook(ApplyHook):
 
     # ------------------------------------------------------------ the step
 
+    def _uses_merge_call(self) -> bool:
+        return (tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+                and not compat.tf_strategy_supports_no_merge_call())
+
+    def _layer_squares(self, meas, lidx, state_now):
+        """Taken inside the XLA-compiled bookkeeping call (``_step``), not as ~30 graph ops of their
+        own (a Square, a Sum per variable, the per-layer adds), each paying the executor's per-op
+        cost; here only which layers got a gradient (known at trace time)."""
+        if self._uses_merge_call():
+            return super()._layer_squares(meas, lidx, state_now)
+        present = {li for li in lidx if li >= 0}
+        return None, tf.constant([1.0 if i in present else 0.0 for i in range(self.n_layers)], tf.float32)
+
     def _step(self, step, state_now, step_now, has_grad):
-        """The bookkeeping is one XLA-compiled call (its ~200 tiny ops would otherwise each pay the
-        graph executor's per-op cost) that also picks the branch; one ``switch_case`` runs the
-        update, the clipped update or nothing (it is what the in-graph skip costs, as in Keras'
-        LossScaleOptimizer); the extras come around log steps only (``_extras``)."""
-        if (tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
-                and not compat.tf_strategy_supports_no_merge_call()):
+        """The bookkeeping is one XLA-compiled call (its ~200 tiny ops, and the per-variable squared
+        sums, would otherwise each pay the graph executor's per-op cost) that also picks the
+        branch; one ``switch_case`` runs the update, the clipped update or nothing (it is what the
+        in-graph skip costs, as in Keras' LossScaleOptimizer); the extras come around log steps
+        only (``_extras``)."""
+        if self._uses_merge_call():
             return self._merge_call_step(step, state_now, step_now, has_grad)
         kinds = self._kinds()
-        fn = getattr(self, "_bookkeeping", None)
+        fns = self.__dict__.setdefault("_bookkeeping", {})
+        key = tuple(step.lidx)  # which layer each gradient belongs to is fixed in the compiled call
+        fn = fns.get(key)
         if fn is None:
-            fn = self._bookkeeping = tf.function(self._bookkeeping_and_branch, jit_compile=XLA_BOOKKEEPING,
-                                                 autograph=False)
+            fn = fns[key] = tf.function(functools.partial(self._bookkeeping_and_branch, lidx=key),
+                                        jit_compile=XLA_BOOKKEEPING, autograph=False)
         is_update = step.is_update if step.is_update is not None else tf.constant(True)
-        scale, finite, new_vec, new_step, index = fn(state_now, step_now, step.layer_sq, has_grad, is_update)
+        scale, finite, new_vec, new_step, index, step.layer_sq = fn(state_now, step_now, list(step.meas), has_grad,
+                                                                    is_update)
         self.step_finite = finite
         self.state_var.assign(new_vec)
         self.step_var.assign(new_step)
@@ -111,28 +129,28 @@ class TFApplyHook(ApplyHook):
     def _extras(self, step, step_now, finite, is_snap):
         """On TensorFlow every extra read of the weights in the step cost about as much as all the
         rest of gradguard (measured: ~0.5-1 ms on a 1M-parameter MLP), so the weights are sampled
-        only around log steps, under conditionals: after the update of the step before a log step
-        (the log step's "before") and on the log step itself."""
+        only around log steps, in one conditional: after the update of the step before a log step
+        (the log step's "before") and on the log step itself, where the extras are written."""
+        ahead = tf.equal(tf.math.floormod(step_now + 2, self.snapshot_every), 0)
+        if step.is_update is not None:
+            ahead = tf.logical_and(ahead, step.is_update)
+        samples = self.samples_var
+        whole = samples is not None and len(step.pvars) == len(compat.optimizer_trainable_variables(self.optimizer))
 
-        def extras():
-            self.extras_var.assign(self._compiled_extras(step, step_now, finite, True, store_samples=False))
+        def around_log_step():
+            extras = self._compiled_extras(step, step_now, finite, True, store_samples=False)
+            self.extras_var.assign(tf.where(is_snap, extras, self.value_now(self.extras_var)))
+            if whole:  # the weights after this update: the next log step's "before"
+                samples.assign(self._samples_now(step))
             return tf.constant(0)
 
-        tf.cond(is_snap, extras, lambda: tf.constant(0))
-        if self.samples_var is not None:
-            def store():
-                self.samples_var.assign(self._samples_now(step))
-                return tf.constant(0)
-
-            ahead = tf.equal(tf.math.floormod(step_now + 2, self.snapshot_every), 0)
-            if step.is_update is not None:
-                ahead = tf.logical_and(ahead, step.is_update)
-            tf.cond(ahead, store, lambda: tf.constant(0))
+        tf.cond(tf.logical_or(is_snap, ahead), around_log_step, lambda: tf.constant(0))
 
     def _kinds(self) -> list[str]:
         return ["update"] + (["clipped"] if self.apply_clip else []) + (["skip"] if self.skip_nonfinite else [])
 
-    def _bookkeeping_and_branch(self, state_vec, step_now, layer_sq, has_grad, is_update):
+    def _bookkeeping_and_branch(self, state_vec, step_now, meas, has_grad, is_update, lidx=()):
+        layer_sq, _ = super()._layer_squares(meas, lidx, state_vec)
         scale, finite, new_vec = self._device_step(state_vec, layer_sq, has_grad)
         # An accumulation micro-step only adds to Keras' accumulators: plain update, no bookkeeping.
         new_vec = tf.where(is_update, new_vec, state_vec)
@@ -145,7 +163,7 @@ class TFApplyHook(ApplyHook):
             kind = tf.where(finite > 0, kind, kinds.index("skip"))
         kind = tf.where(is_update, kind, 0)
         snap = tf.cast(tf.logical_and(self._is_snap(step_now), is_update), kind.dtype)
-        return scale, finite, new_vec, new_step, kind + len(kinds) * snap
+        return scale, finite, new_vec, new_step, kind + len(kinds) * snap, layer_sq
 
     def _merge_call_step(self, step, state_now, step_now, has_grad):
         """tf.distribute strategies that update through merge_call (MirroredStrategy on CPU): the

@@ -333,14 +333,18 @@ class ApplyHook:
         if getattr(self, "_plan_key", None) != key:  # eager torch calls this every step
             self._plan_key, self._plan = key, self._sample_plan(step.pvars)
         step.samples = self._plan
-        per_layer: list[list] = [[] for _ in range(self.n_layers)]
-        for sq, li in zip(self.sum_squares(step.meas), step.lidx):
-            if li >= 0:
-                per_layer[li].append(sq)
         state_now, step_now = self.value_now(self.state_var), self.value_now(self.step_var)
-        step.layer_sq, has_grad = self.layer_sums(per_layer, state_now)
+        step.layer_sq, has_grad = self._layer_squares(step.meas, step.lidx, state_now)
         self._step(step, state_now, step_now, has_grad)
         return None
+
+    def _layer_squares(self, meas, lidx, state_now):
+        """(per-layer squared gradient norms, 1.0 for layers that got a gradient)."""
+        per_layer: list[list] = [[] for _ in range(self.n_layers)]
+        for sq, li in zip(self.sum_squares(meas), lidx):
+            if li >= 0:
+                per_layer[li].append(sq)
+        return self.layer_sums(per_layer, state_now)
 
     def _step(self, step, state_now, step_now, has_grad) -> None:
         raise NotImplementedError

@@ -177,40 +177,59 @@ class TorchApplyHook(ApplyHook):
 
     def _before(self, pvars, lidx, samples):
         """[weight sum of squares per layer, strided weight samples], taken before the update
-        (copies: torch updates the weights in place)."""
-        per_layer: list[list] = [[] for _ in range(self.n_layers)]
-        for v, li in zip(pvars, lidx):
-            if li >= 0:
-                per_layer[li].append(ops.sum(ops.square(ops.cast(v.value, F32))))
-        zero = ops.zeros((), F32)
-        picked = [ops.cast(ops.reshape(pvars[i].value, (-1,))[::stride], F32) for i, stride, _ in samples]
-        return ops.concatenate([ops.stack([_add(p) if p else zero for p in per_layer])] + picked, axis=0)
+        (copies: torch updates the weights in place). One fused norm pass over the weights."""
+        weights = [v.value.detach().float() for v in pvars]
+        sq = torch.stack(torch._foreach_norm(weights, 2)) ** 2 if weights else torch.zeros(0)
+        layer = torch.zeros(self.n_layers, dtype=torch.float32, device=sq.device)
+        keep = [j for j, li in enumerate(lidx) if li >= 0]
+        if keep:
+            layer.index_add_(0, torch.tensor([lidx[j] for j in keep], device=sq.device), sq[keep])
+        picked = [weights[i].reshape(-1)[::stride].clone() for i, stride, _ in samples]
+        return torch.cat([layer] + picked)
 
     def _extras(self, step, finite, before):
-        """The exact extras vector (see ``ExtrasLayout``), after the update."""
+        """The exact extras vector (see ``ExtrasLayout``), after the update: one pass per gradient
+        for the max-abs (``aminmax``) and one for the zero count (``count_nonzero``)."""
         L = self.n_layers
         meas, pvars, lidx = step.meas, step.pvars, step.lidx
-        zero = ops.zeros((), F32)
+        device = before.device
+        zero = torch.zeros((), dtype=torch.float32, device=device)
         max_abs: list[list] = [[] for _ in range(L)]
         zeros: list[list] = [[] for _ in range(L)]
         update: list[list] = [[] for _ in range(L)]
         for m, li in zip(meas, lidx):
             if li >= 0:
-                max_abs[li].append(ops.max(ops.abs(m)))
-                zeros[li].append(ops.sum(ops.cast(ops.equal(m, 0.0), F32)))
+                lo, hi = torch.aminmax(m.detach())
+                max_abs[li].append(torch.maximum(-lo, hi))
+                zeros[li].append(m.numel() - torch.count_nonzero(m).float())
         o = L
         for i, stride, n in step.samples:
             li = lidx[i]
             old = before[o:o + n]
             o += n
             if li >= 0:
-                new = ops.cast(ops.reshape(pvars[i].value, (-1,))[::stride], F32)
-                update[li].append(ops.sum(ops.square(new - old)) * (math.prod(pvars[i].shape) / n))
-        parts = [ops.reshape(step.step_f, (1,)), ops.reshape(finite, (1,)), step.layer_sq,
-                 ops.stack([_max(p) if p else zero for p in max_abs]),
-                 ops.stack([_add(p) if p else zero for p in zeros]),
+                new = pvars[i].value.detach().float().reshape(-1)[::stride]
+                update[li].append(torch.sum(torch.square(new - old)) * (math.prod(pvars[i].shape) / n))
+        parts = [step.step_f.reshape(1).to(device), torch.as_tensor(finite, dtype=torch.float32).reshape(1).to(device),
+                 torch.as_tensor(step.layer_sq).to(device),
+                 torch.stack([_max(p) if p else zero for p in max_abs]).to(device),
+                 torch.stack([_add(p) if p else zero for p in zeros]).to(device),
                  before[:L],
-                 ops.stack([_add(p) if p else zero for p in update])]
-        parts.extend(self._dead_units(step))
-        parts.extend(self._histograms(meas, lidx))
-        return ops.concatenate(parts, axis=0)
+                 torch.stack([_add(p) if p else zero for p in update]).to(device)]
+        parts.extend(p.to(device) for p in self._dead_units(step))
+        parts.extend(ops.convert_to_tensor(p).to(device) for p in self._histograms(meas, lidx))
+        return torch.cat(parts)
+
+    def _dead_units(self, step):
+        """The core's DEAD_UNIT_RULE (see ``ApplyHook._dead_units``), one counting pass per kernel."""
+        by_id = {id(v): m for v, m in zip(step.pvars, step.meas)}
+        parts = []
+        for li, kid in self.unit_kernel.items():
+            kernel = by_id.get(kid)
+            if kernel is None:
+                parts.append(torch.zeros(self.unit_sizes[li], dtype=torch.float32, device=self.state_var.value.device))
+                continue
+            axes = tuple(range(kernel.dim() - 1))
+            nonzero = torch.count_nonzero(kernel.detach(), dim=axes) if axes else (kernel.detach() != 0).long()
+            parts.append((nonzero == 0).float())
+        return parts

@@ -169,6 +169,7 @@ def main():
         print("RESULT " + json.dumps(run_backend(args)), flush=True)
         return
 
+    load_start = os.getloadavg()
     results = []
     for backend in args.backends.split(","):
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
@@ -213,7 +214,15 @@ def main():
               f"monitor_only {r['paired_ratio']['monitor_only']:.3f}x; an empty batch callback alone "
               f"{r['paired_ratio']['noop_batch_cb']:.3f}x")
     print()
-    print("load average during the run: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print("first epoch of a fit (the hooked step's trace/compile, once per fit), ratio to plain's first epoch")
+    for r in results:
+        f = r["first_epoch_ms"]
+        print(f"{r['backend']:<11} gradguard {f['gradguard'] / f['plain']:.1f}x, monitor_only "
+              f"{f['monitor_only'] / f['plain']:.1f}x ({args.steps} steps: "
+              f"+{(f['gradguard'] - f['plain']) * args.steps / 1e3:.2f} s per fit)")
+    print()
+    print("load average (1, 5, 15 min) at the start: " + " ".join(f"{x:.2f}" for x in load_start)
+          + "; at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     with open(args.json, "w") if args.json else open(os.devnull, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -32,11 +32,12 @@ class JaxApplyHook(ApplyHook):
         return logs, (trainable, non_trainable, optimizer_vars, metrics)
 
     def _step(self, step, state_now, step_now, has_grad):
-        """No conditional and no read of a pre-update weight besides the update itself: under jit
-        the update writes the weights and slots in place, and anything else that reads them first
-        (an XLA conditional, a strided slice) made XLA spend about a millisecond a step on a
-        1M-parameter MLP, several times the rest of gradguard. The log-step extras are the small
-        vectors of ``_compiled_extras``, kept by a select on log steps."""
+        """No read of a pre-update weight besides the update itself: under jit the update writes
+        the weights and slots in place, and anything else that reads them first (an XLA
+        conditional, a strided slice) made XLA spend about a millisecond a step on a
+        1M-parameter MLP, several times the rest of gradguard. Every step: the per-variable
+        squared sums, the core's bookkeeping, the (clipped) update or the skip; the log-step
+        extras sit in one conditional that reads the weights after the update (``_extras``)."""
         scale, finite, new_vec = self._device_step(state_now, step.layer_sq, has_grad)
         self.step_finite = finite
         is_update = step.is_update

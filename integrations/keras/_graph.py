@@ -486,17 +486,17 @@ class ApplyHook:
                                 for v, (_, _, n) in zip(step.pvars, step.samples)], axis=0)
 
     def _compiled_extras(self, step, step_now, finite, is_snap, store_samples=True):
-        """The log-step extras from small vectors computed on every step (TF and JAX):
+        """The log-step extras (TF and JAX), computed in a conditional taken only on log steps and
+        on the step before each (see each backend's ``_extras``):
 
-        * dead units from the bias gradients (a kernel's columns when a layer has no bias),
-        * a contiguous sample (at most 4096 elements) of each weight *after* each update, kept in a
-          Variable: the applied update is this step's sample minus the last step's, the weight
-          norms before the update are estimated from the last step's sample.
+        * dead units from the kernels' columns (the core's rule),
+        * a contiguous sample (at most 4096 elements) of each weight *after* the update, kept in a
+          Variable from the step before a log step: the applied update is the log step's sample
+          minus that one, the weight norms before the update are estimated from that one.
 
-        Max-abs and zero counts are not taken: they cost passes over the gradients on every step on
-        JAX, and on TF a conditional holding every gradient costs as much as all the rest of
-        gradguard (measured). Histograms, when a sink wants them, are a conditional over the
-        gradients (log steps only)."""
+        Max-abs and zero counts are not taken: they cost passes over the gradients (on TF a
+        conditional holding every gradient cost as much as all the rest of gradguard, measured).
+        Histograms, when a sink wants them, are a conditional over the gradients (log steps only)."""
         L = self.n_layers
         zero = ops.zeros((), F32)
         weight_sq = update_sq = ops.full((L,), np.nan, F32)

@@ -1,16 +1,22 @@
 """torch: the step runs eagerly, so the host knows the log steps and accumulation micro-steps
-without a sync, and plain torch calls replace ``keras.ops``' per-call dispatch."""
+without a sync, and plain torch calls replace ``keras.ops``' per-call dispatch. On a CPU device
+the bookkeeping runs in numpy on the state Variable's own memory (as ``gradguard.torch`` does
+there): a host read costs nothing on a CPU, and numpy runs the core's ~100 small operations
+about 4x faster than torch's eager dispatch (measured: 70 us against 284 us a step)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from keras import ops
 
+from gradguard import stats
 from gradguard.keras import _compat as compat
 from gradguard.keras._graph import F32, ApplyHook, _add, _max
 from gradguard.torch import torch_ops
+from gradguard.torch._fused import fast_numpy_ops
 
 
 class TorchApplyHook(ApplyHook):
@@ -33,10 +39,25 @@ class TorchApplyHook(ApplyHook):
 
     # ------------------------------------------------------------ primitives
 
+    @property
+    def on_host(self) -> bool:
+        """The state lives in CPU memory: the bookkeeping runs in numpy, the verdict is a float."""
+        return self.state_var is not None and self.state_var.value.device.type == "cpu"
+
     def sum_squares(self, meas):
-        return [n * n for n in torch._foreach_norm(list(meas), 2)]  # one fused kernel launch
+        norms = torch._foreach_norm(list(meas), 2)  # one fused kernel launch
+        if self.on_host:  # float32 numpy scalars: the same float32 products and sums as below
+            sq = torch.stack(norms).numpy()
+            return list(sq * sq)
+        return [n * n for n in norms]
 
     def layer_sums(self, per_layer, state_now):
+        if self.on_host:
+            key = tuple(bool(p) for p in per_layer)
+            if getattr(self, "_has_key_np", None) != key:
+                self._has_key_np, self._has_np = key, np.array([float(k) for k in key], np.float32)
+            zero = np.float32(0.0)
+            return np.array([_add(p) if p else zero for p in per_layer], np.float32), self._has_np
         zero = torch.zeros((), device=state_now.device)
         layer_sq = torch.stack([_add(p) if p else zero for p in per_layer])
         key = tuple(bool(p) for p in per_layer)
@@ -80,7 +101,14 @@ class TorchApplyHook(ApplyHook):
 
     # ------------------------------------------------------------ the step
 
+    def scale(self, g, scale):
+        if isinstance(scale, float):  # the host verdict: a multiply by a Python float (cheapest on CPU)
+            return g * scale
+        return super().scale(g, scale)
+
     def _step(self, step, state_now, step_now, has_grad):
+        if self.on_host:
+            return self._host_step(step, step_now, has_grad)
         step.step_f = step_now.float()  # a copy: the Variable is updated in place below
         scale, finite, new_vec = self._device_step(state_now, step.layer_sq, has_grad)
         self.step_finite = finite
@@ -111,44 +139,97 @@ class TorchApplyHook(ApplyHook):
         else:
             update()
 
+    def _host_step(self, step, step_now, has_grad):
+        """The same step on a CPU device: the core's ``device_step`` in numpy on a view of the
+        state Variable's memory, written back in place; the verdict comes as Python floats, so
+        the gate and the clip decision cost no sync, and an unclipped step no multiply."""
+        vec = self.state_var.value.detach().numpy()  # shares the Variable's memory
+        scale, finite, new_state = stats.device_step(self.layout.unpack_np(vec), step.layer_sq, has_grad,
+                                                    self.policy, fast_numpy_ops, self.tracker)
+        vec[:] = self.layout.pack_np(new_state)
+        scale, finite = float(scale), float(finite)
+        is_snap = self._py_step == 0 or (self._py_step + 1) % self.snapshot_every == 0
+        if is_snap:
+            step.step_f = step_now.float()  # before the increment
+        self.step_var.value.add_(1)
+        self._py_step += 1
+        go = finite > 0 or not self.skip_nonfinite
+        self.step_finite = finite > 0 if self.skip_nonfinite else finite
+        apply, tv = self._apply, step.trainable_variables
+
+        def update():
+            if not go:
+                self._skip_effects()
+            elif self.apply_clip and scale < 1.0:  # scale is 1.0 exactly when not clipping
+                apply(self._scaled(step, scale), tv)
+            else:
+                apply(step.grads, tv)
+
+        if is_snap:
+            before = self._before(step.pvars, step.lidx, step.samples)
+            update()
+            step.layer_sq = torch.from_numpy(step.layer_sq)
+            self.extras_var.assign(self._extras(step, torch.tensor(finite), before))
+        else:
+            update()
+
     # ------------------------------------------------------------ log-step extras (exact on torch)
 
     def _before(self, pvars, lidx, samples):
         """[weight sum of squares per layer, strided weight samples], taken before the update
-        (copies: torch updates the weights in place)."""
-        per_layer: list[list] = [[] for _ in range(self.n_layers)]
-        for v, li in zip(pvars, lidx):
-            if li >= 0:
-                per_layer[li].append(ops.sum(ops.square(ops.cast(v.value, F32))))
-        zero = ops.zeros((), F32)
-        picked = [ops.cast(ops.reshape(pvars[i].value, (-1,))[::stride], F32) for i, stride, _ in samples]
-        return ops.concatenate([ops.stack([_add(p) if p else zero for p in per_layer])] + picked, axis=0)
+        (copies: torch updates the weights in place). One fused norm pass over the weights."""
+        weights = [v.value.detach().float() for v in pvars]
+        sq = torch.stack(torch._foreach_norm(weights, 2)) ** 2 if weights else torch.zeros(0)
+        layer = torch.zeros(self.n_layers, dtype=torch.float32, device=sq.device)
+        keep = [j for j, li in enumerate(lidx) if li >= 0]
+        if keep:
+            layer.index_add_(0, torch.tensor([lidx[j] for j in keep], device=sq.device), sq[keep])
+        picked = [weights[i].reshape(-1)[::stride].clone() for i, stride, _ in samples]
+        return torch.cat([layer] + picked)
 
     def _extras(self, step, finite, before):
-        """The exact extras vector (see ``ExtrasLayout``), after the update."""
+        """The exact extras vector (see ``ExtrasLayout``), after the update: one pass per gradient
+        for the max-abs (``aminmax``) and one for the zero count (``count_nonzero``)."""
         L = self.n_layers
         meas, pvars, lidx = step.meas, step.pvars, step.lidx
-        zero = ops.zeros((), F32)
+        device = before.device
+        zero = torch.zeros((), dtype=torch.float32, device=device)
         max_abs: list[list] = [[] for _ in range(L)]
         zeros: list[list] = [[] for _ in range(L)]
         update: list[list] = [[] for _ in range(L)]
         for m, li in zip(meas, lidx):
             if li >= 0:
-                max_abs[li].append(ops.max(ops.abs(m)))
-                zeros[li].append(ops.sum(ops.cast(ops.equal(m, 0.0), F32)))
+                lo, hi = torch.aminmax(m.detach())
+                max_abs[li].append(torch.maximum(-lo, hi))
+                zeros[li].append(m.numel() - torch.count_nonzero(m).float())
         o = L
         for i, stride, n in step.samples:
             li = lidx[i]
             old = before[o:o + n]
             o += n
             if li >= 0:
-                new = ops.cast(ops.reshape(pvars[i].value, (-1,))[::stride], F32)
-                update[li].append(ops.sum(ops.square(new - old)) * (math.prod(pvars[i].shape) / n))
-        parts = [ops.reshape(step.step_f, (1,)), ops.reshape(finite, (1,)), step.layer_sq,
-                 ops.stack([_max(p) if p else zero for p in max_abs]),
-                 ops.stack([_add(p) if p else zero for p in zeros]),
+                new = pvars[i].value.detach().float().reshape(-1)[::stride]
+                update[li].append(torch.sum(torch.square(new - old)) * (math.prod(pvars[i].shape) / n))
+        parts = [step.step_f.reshape(1).to(device), torch.as_tensor(finite, dtype=torch.float32).reshape(1).to(device),
+                 torch.as_tensor(step.layer_sq).to(device),
+                 torch.stack([_max(p) if p else zero for p in max_abs]).to(device),
+                 torch.stack([_add(p) if p else zero for p in zeros]).to(device),
                  before[:L],
-                 ops.stack([_add(p) if p else zero for p in update])]
-        parts.extend(self._dead_units(step))
-        parts.extend(self._histograms(meas, lidx))
-        return ops.concatenate(parts, axis=0)
+                 torch.stack([_add(p) if p else zero for p in update]).to(device)]
+        parts.extend(p.to(device) for p in self._dead_units(step))
+        parts.extend(ops.convert_to_tensor(p).to(device) for p in self._histograms(meas, lidx))
+        return torch.cat(parts)
+
+    def _dead_units(self, step):
+        """The core's DEAD_UNIT_RULE (see ``ApplyHook._dead_units``), one counting pass per kernel."""
+        by_id = {id(v): m for v, m in zip(step.pvars, step.meas)}
+        parts = []
+        for li, kid in self.unit_kernel.items():
+            kernel = by_id.get(kid)
+            if kernel is None:
+                parts.append(torch.zeros(self.unit_sizes[li], dtype=torch.float32, device=self.state_var.value.device))
+                continue
+            axes = tuple(range(kernel.dim() - 1))
+            nonzero = torch.count_nonzero(kernel.detach(), dim=axes) if axes else (kernel.detach() != 0).long()
+            parts.append((nonzero == 0).float())
+        return parts

@@ -333,14 +333,18 @@ class ApplyHook:
         if getattr(self, "_plan_key", None) != key:  # eager torch calls this every step
             self._plan_key, self._plan = key, self._sample_plan(step.pvars)
         step.samples = self._plan
-        per_layer: list[list] = [[] for _ in range(self.n_layers)]
-        for sq, li in zip(self.sum_squares(step.meas), step.lidx):
-            if li >= 0:
-                per_layer[li].append(sq)
         state_now, step_now = self.value_now(self.state_var), self.value_now(self.step_var)
-        step.layer_sq, has_grad = self.layer_sums(per_layer, state_now)
+        step.layer_sq, has_grad = self._layer_squares(step.meas, step.lidx, state_now)
         self._step(step, state_now, step_now, has_grad)
         return None
+
+    def _layer_squares(self, meas, lidx, state_now):
+        """(per-layer squared gradient norms, 1.0 for layers that got a gradient)."""
+        per_layer: list[list] = [[] for _ in range(self.n_layers)]
+        for sq, li in zip(self.sum_squares(meas), lidx):
+            if li >= 0:
+                per_layer[li].append(sq)
+        return self.layer_sums(per_layer, state_now)
 
     def _step(self, step, state_now, step_now, has_grad) -> None:
         raise NotImplementedError
@@ -482,17 +486,17 @@ class ApplyHook:
                                 for v, (_, _, n) in zip(step.pvars, step.samples)], axis=0)
 
     def _compiled_extras(self, step, step_now, finite, is_snap, store_samples=True):
-        """The log-step extras from small vectors computed on every step (TF and JAX):
+        """The log-step extras (TF and JAX), computed in a conditional taken only on log steps and
+        on the step before each (see each backend's ``_extras``):
 
-        * dead units from the bias gradients (a kernel's columns when a layer has no bias),
-        * a contiguous sample (at most 4096 elements) of each weight *after* each update, kept in a
-          Variable: the applied update is this step's sample minus the last step's, the weight
-          norms before the update are estimated from the last step's sample.
+        * dead units from the kernels' columns (the core's rule),
+        * a contiguous sample (at most 4096 elements) of each weight *after* the update, kept in a
+          Variable from the step before a log step: the applied update is the log step's sample
+          minus that one, the weight norms before the update are estimated from that one.
 
-        Max-abs and zero counts are not taken: they cost passes over the gradients on every step on
-        JAX, and on TF a conditional holding every gradient costs as much as all the rest of
-        gradguard (measured). Histograms, when a sink wants them, are a conditional over the
-        gradients (log steps only)."""
+        Max-abs and zero counts are not taken: they cost passes over the gradients (on TF a
+        conditional holding every gradient cost as much as all the rest of gradguard, measured).
+        Histograms, when a sink wants them, are a conditional over the gradients (log steps only)."""
         L = self.n_layers
         zero = ops.zeros((), F32)
         weight_sq = update_sq = ops.full((L,), np.nan, F32)

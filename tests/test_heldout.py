@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

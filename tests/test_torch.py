@@ -645,7 +645,7 @@ def test_the_cpu_bookkeeping_gives_the_core_numbers_exactly(clip):
 
     from gradguard import stats
     from gradguard.ops import numpy_ops
-    from gradguard.torch._fused import fast_numpy_ops
+    from gradguard.ops import fast_numpy_ops
 
     policy = gradguard.options.Options.of("GradGuard", {"clip": clip}).policy
     ref = fast = stats.init_state(7, policy, trace_size=16)
@@ -701,8 +701,6 @@ def test_log_step_extras_match_a_direct_measurement(accelerator):
     dead units (with and without a bias: both sides of the rule), weight norms exact below 8192
     elements, and the sampled estimates (zero share, weight norms of larger tensors, the update)
     within a few percent."""
-    import numpy as np
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(3000, 32), nn.Flatten(), nn.Linear(4 * 32, 96), nn.ReLU(),
                           nn.Linear(96, 128, bias=False), nn.ReLU(), nn.LayerNorm(128), nn.Linear(128, 10))

@@ -15,7 +15,6 @@ import dataclasses
 import math
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F

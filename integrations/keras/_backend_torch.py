@@ -13,10 +13,10 @@ import torch
 from keras import ops
 
 from gradguard import stats
+from gradguard.ops import fast_numpy_ops
 from gradguard.keras import _compat as compat
-from gradguard.keras._graph import F32, ApplyHook, _add, _max
+from gradguard.keras._graph import ApplyHook, _add, _max
 from gradguard.torch import torch_ops
-from gradguard.torch._fused import fast_numpy_ops
 
 
 class TorchApplyHook(ApplyHook):

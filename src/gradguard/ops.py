@@ -37,3 +37,42 @@ numpy_ops = types.SimpleNamespace(
     sort=np.sort,
     take=lambda x, i: np.take(x, np.asarray(i).astype(np.int64)),
 )
+
+
+# Most of the step's values are float32 scalars (the tracker, the policy): numpy's ufuncs cost a
+# microsecond or more each on a scalar, plain comparisons a tenth of that. The scalar paths below
+# compute what numpy's scalar loops compute (``maximum``: ``a >= b or isnan(a) ? a : b``), in
+# float32 (a Python float meets a float32 as a float32, as in the ufunc).
+_SCALARS = (float, np.float32)
+
+
+def _where(c, a, b):
+    if type(c) is np.bool_ and type(a) in _SCALARS and type(b) in _SCALARS:
+        return np.float32(a if c else b)
+    r = np.where(c, a, b)
+    return r if r.dtype == np.float32 else r.astype(np.float32)
+
+
+def _maximum(a, b):
+    if type(a) is np.float32 and type(b) in _SCALARS:
+        return a if (a >= b or a != a) else np.float32(b)
+    return np.maximum(a, b)
+
+
+def _minimum(a, b):
+    if type(a) is np.float32 and type(b) in _SCALARS:
+        return a if (a <= b or a != a) else np.float32(b)
+    return np.minimum(a, b)
+
+
+def _asfloat(x):
+    return np.float32(x) if type(x) is np.bool_ else np.asarray(x, dtype=np.float32)
+
+
+# The core's numpy namespace with the slow generic helpers swapped for direct calls (``np.stack``
+# is a Python-level function; ``np.array`` of float32 values builds the same array several times
+# faster) and scalar fast paths. Same values, same dtypes: checked against ``numpy_ops`` in the
+# tests. Hosts that run the bookkeeping on the CPU in numpy (``gradguard.torch``, Keras on torch) use it.
+fast_numpy_ops = types.SimpleNamespace(**{**vars(numpy_ops), "where": _where, "maximum": _maximum,
+                                          "minimum": _minimum, "asfloat": _asfloat,
+                                          "stack": lambda xs: np.array(xs, dtype=np.float32)})

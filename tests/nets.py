@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def digits(n: int | None = None):
@@ -112,3 +113,16 @@ def train(model, guard, steps=200, lr=1e-3, opt="adam", batch=64, seed=0, data=N
         guard.step(optimizer)
         losses.append(loss.item())
     return losses
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts device-to-host reads: ``_local_scalar_dense`` (item/bool/float)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

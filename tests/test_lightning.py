@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -26,6 +25,7 @@ from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 from gradguard import Finding  # noqa: E402
 from gradguard.lightning import GradGuardCallback  # noqa: E402
 from gradguard.torch import GradGuard  # noqa: E402
+from nets import CountSyncs  # noqa: E402
 
 N_SAMPLES, BATCH = 256, 16  # 16 batches per epoch
 
@@ -257,17 +257,6 @@ def test_16_mixed_with_a_grad_scaler_measures_the_unscaled_gradients(tmp_path, o
     assert float(plugin.scaler.get_scale()) == 512.0  # the scaler saw the poisoned step and backed off, once
 
 
-class CountSyncs(TorchDispatchMode):
-    """Counts device-to-host reads (``_local_scalar_dense``: item/bool/float)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 class AcceleratorPathCallback(GradGuardCallback):

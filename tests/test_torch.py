@@ -9,11 +9,10 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradguard
 from gradguard.torch import GradGuard
-from nets import ConvNet, ResidualMLP, RowLSTM, TinyTransformer, digits, he, mlp, train
+from nets import ConvNet, CountSyncs, ResidualMLP, RowLSTM, TinyTransformer, digits, he, mlp, train
 
 
 @pytest.fixture(autouse=True)
@@ -209,17 +208,6 @@ def test_fixed_clip_bounds_the_global_norm():
 # ------------------------------------------------------------------------------- no host sync
 
 
-class CountSyncs(TorchDispatchMode):
-    """Counts device-to-host reads: ``_local_scalar_dense`` (item/bool/float) and patched copies."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture

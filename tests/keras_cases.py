@@ -646,6 +646,41 @@ def case_fine_tune():
             "finite": all_finite(weights(model)), "history_width": len(cb.history[-1][1])}
 
 
+
+def case_own_optimizers():
+    """A custom train_step that applies its gradients through an optimizer of its own (as a GAN's
+    does) never reaches the callback's hook: the fit must say so, not report a quiet run.
+    (TensorFlow and torch; JAX's train_step is stateless and written differently.)"""
+    if BACKEND == "jax":
+        return {"skipped": True}
+    x, y = digits()
+
+    class OwnOptimizer(keras.Sequential):
+        def train_step(self, data):
+            xb, yb = data
+            if BACKEND == "tensorflow":
+                with tf.GradientTape() as tape:
+                    loss = self.compute_loss(x=xb, y=yb, y_pred=self(xb, training=True))
+                grads = tape.gradient(loss, self.trainable_variables)
+            else:
+                self.zero_grad()
+                loss = self.compute_loss(x=xb, y=yb, y_pred=self(xb, training=True))
+                loss.backward()
+                grads = [v.value.grad for v in self.trainable_variables]
+            self.own_optimizer.apply(grads, self.trainable_variables)
+            return {"loss": loss}
+
+    model = OwnOptimizer([keras.Input((64,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])
+    model.own_optimizer = keras.optimizers.SGD(0.05)
+    compile_(model, keras.optimizers.SGD(0.05))
+    before = [np.array(w) for w in model.get_weights()]
+    cb = GradGuardCallback(log_every_n_steps=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x[:4 * BATCH], y[:4 * BATCH], batch_size=BATCH, epochs=1, verbose=0, callbacks=[cb])
+    return {"trained": any(not np.array_equal(a, np.array(b)) for a, b in zip(before, model.get_weights())),
+            "warnings": [str(w.message)[:200] for w in caught if "measured no optimizer step" in str(w.message)]}
+
 def case_other_model():
     """The same callback on another model starts fresh (with a warning), never judging it by the
     first model's EMA or reporting its totals."""

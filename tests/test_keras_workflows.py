@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # subprocesses: every Keras backend / several ran
 from keras_runner import BACKENDS, CaseRunner
 
 CASES = ["accumulation", "fine_tune", "other_model", "pure_look", "clip_change", "policies", "bn_skip",
-         "lstm_names", "surface", "dead_units", "other_shapes"]
+         "lstm_names", "surface", "dead_units", "other_shapes", "own_optimizers"]
 _runner = CaseRunner({backend: CASES for backend in BACKENDS})
 
 
@@ -147,3 +147,12 @@ def test_state_of_another_model_is_refused(backend):
     r = case(backend, "other_shapes")
     assert r["wider"] is not None and "hidden_0" in r["wider"] and "different model" in r["wider"]
     assert r["renamed"] is not None and "no layer in common" in r["renamed"]
+
+
+@backends
+def test_a_train_step_with_optimizers_of_its_own_is_said_not_silently_unwatched(backend):
+    r = case(backend, "own_optimizers")
+    if r.get("skipped"):
+        pytest.skip("JAX's stateless train_step: the case is written for TensorFlow and torch")
+    assert r["trained"]  # the model did learn, through its own optimizer
+    assert len(r["warnings"]) == 1 and "4 batches" in r["warnings"][0]

@@ -267,6 +267,13 @@ class GradGuardCallback(keras.callbacks.Callback):
         if hook is None:
             return
         try:
+            if hook.traces == 0 and self._fit_batches > 0:
+                # Never silent: a train step that applies its gradients through other optimizers
+                # (a GAN's own d_optimizer/g_optimizer) or none never reaches the hook.
+                warn_user(f"gradguard: GradGuardCallback measured no optimizer step in this fit of "
+                          f"{self._fit_batches} batches: the model's train step never applied gradients "
+                          f"through model.optimizer (a custom train_step with optimizers of its own, e.g. "
+                          f"a GAN's?), so nothing was measured, clipped or protected")
             if hook.state_var is not None:
                 self._observe()
         finally:

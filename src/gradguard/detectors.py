@@ -67,12 +67,12 @@ class DetectorConfig:
     # x the run's quietest, is a divergence too: where the gradient cannot grow (tanh features, a softmax
     # saturating to an exactly zero gradient) the weights still show it (measured: 19 -> 112 in 50 steps).
     weight_growth: float = 2.0
+    weight_runaway_steps: int = 50  # ...within this many optimizer steps (a 4%/step runaway doubles in 18)
     # ...or, under clip='auto' with SGD, a step whose gradient was this many times over the update ceiling
     # (the norm at which the step moves the weights by 10%, or the gradient carried on by momentum by 100%):
     # an update that would have been >= 100% of the weights in one step. Healthy SGD runs stay under 0.5x
     # of the ceiling (validation suite); runs explosive from their first step reach 24-1000x.
     ceiling_excess: float = 10.0
-    weight_runaway_steps: int = 50  # ...within this many optimizer steps (a 4%/step runaway doubles in 18)
     # The spike tracker confirms an excursion from 2 elevated steps, which is right for clipping (it must
     # protect at once) but not for a finding: recurrent nets and large-batch nets late in training show
     # bursts of 2-5 steps of 10-70x that return by themselves. An explosion feeds on itself: the norm

@@ -31,6 +31,7 @@ from gradguard.monitor import warn_user
 from gradguard.options import Options, pop_wandb
 from gradguard.sinks import LogRecord, Sink, make_sinks
 from gradguard.torch import TorchEngine
+from gradguard.torch._optim import unwrap as unwrap_optimizer
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -343,9 +344,7 @@ class GradGuardCallback(*_callback_bases()):
         after this hook, so the engine's would be overwritten; then the engine reads its gate."""
         if getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None:
             return None
-        if _is(optimizer, "LightningOptimizer"):
-            optimizer = optimizer.optimizer
-        return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        return unwrap_optimizer(optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._in_step is not None:
@@ -440,9 +439,7 @@ def _pending_loss_scale(trainer: Any, optimizer: Any) -> torch.Tensor | None:
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
     if scaler is None:
         return None
-    if _is(optimizer, "LightningOptimizer"):
-        optimizer = optimizer.optimizer
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+    if not getattr(unwrap_optimizer(optimizer), "_step_supports_amp_scaling", False):
         return None  # unscaled already (GradScaler.unscale_ ran before this hook)
     scale = getattr(scaler, "_scale", None)
     return scale if torch.is_tensor(scale) else torch.tensor(float(scaler.get_scale()))

@@ -264,12 +264,18 @@ def test_no_host_sync_on_steps_that_do_not_log(host_reads, skip_nonfinite, fused
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")  # handed back after each step
 
 
-def test_on_a_cpu_device_the_verdict_is_read_for_free(host_reads):
-    """A CPU device runs the bookkeeping in numpy: no torch sync, one zero-copy view of the layer norms."""
+@pytest.mark.parametrize("clip, skip_nonfinite, reads_per_step", [("auto", True, "norms"), (None, True, "norms"),
+                                                                    (None, False, 0), (0.5, True, 1)])
+def test_on_a_cpu_device_the_verdict_is_read_for_free(host_reads, clip, skip_nonfinite, reads_per_step):
+    """A CPU device runs the bookkeeping in numpy. A quiet step of ``auto`` (and the non-finite gate)
+    reads each parameter's norm once (free on a CPU) and leaves the rest for later; ``clip=None``
+    without the gate reads nothing at all; a fixed threshold needs the exact norm: one zero-copy
+    view of the stacked norms."""
     torch.manual_seed(0)
     model = ConvNet(depth=2)
-    guard = GradGuard(model, log_every_n_steps=1000)
+    guard = GradGuard(model, clip=clip, skip_nonfinite=skip_nonfinite, log_every_n_steps=1000)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    n_params = len(list(model.parameters()))
     x, y = digits(32)
     for step in range(6):
         opt.zero_grad()
@@ -279,8 +285,12 @@ def test_on_a_cpu_device_the_verdict_is_read_for_free(host_reads):
             guard.step(opt)
             reads = host_reads["n"] - before
         if step > 0:
-            assert mode.count == 0 and reads == 1
-    assert guard.engine.step_path == "numpy (cpu)" and guard.engine.gate == "host read (cpu)"
+            assert reads == (n_params if reads_per_step == "norms" else reads_per_step), step
+            assert mode.count == reads - (reads_per_step == 1)  # item() dispatches a read, numpy() does not
+    assert guard.engine.step_path == "numpy (cpu)"
+    assert guard.engine.gate == ("host read (cpu)" if skip_nonfinite else "none")
+    assert len(guard.engine._built.step_fn._pending) == 5  # the steps' bookkeeping is still waiting
+    assert guard.totals["steps"] == 6 and not guard.engine._built.step_fn._pending  # a look runs it
 
 
 @pytest.mark.parametrize("attach", [False, True])
@@ -779,3 +789,55 @@ def test_the_cpu_bookkeeping_deferred_gives_the_same_verdicts_and_state(clip):
         assert ref["clip_enabled"] == 1.0 and 100 < deferred < 150
     else:
         assert deferred == 400
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+@pytest.mark.parametrize("clip", [None, 0.5, "auto"])
+def test_the_cpu_bookkeeping_from_unread_norms_is_the_step_run_at_once(clip, skip_nonfinite):
+    """``NumpyStep.from_norms``: steps that wait with their per-parameter norms unread, then read in
+    one stack with the others, give the verdicts and the state of the step run at once on layer
+    sums made by ``index_add_``, bit for bit: NaN steps, norms whose squares overflow float32, lone
+    spikes, a sustained excursion, a layer of three parameters, reads and window resets."""
+    import numpy as np
+
+    from gradguard import stats
+    from gradguard.ops import numpy_ops
+    from gradguard.torch import _fused
+
+    policy = gradguard.options.Options.of("GradGuard", {"clip": clip}).policy
+    tracker = stats.TrackerConfig()
+    param_layer = [0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 6]
+    ref = stats.init_state(7, policy, trace_size=256)
+    step, layers = _fused.NumpyStep(ref, policy, tracker), _fused.ParamToLayer(param_layer, 7)
+    has_t, ones, index = torch.ones(7), np.ones(7, np.float32), torch.tensor(param_layer)
+    rng = np.random.default_rng(2)
+    waited = 0
+    for i in range(400):
+        norms = (rng.random(11) * (1e2 if i % 37 == 36 or 300 <= i < 306 else 1.0)).astype(np.float32)
+        if i % 50 == 49:
+            norms[3] = np.nan
+        if i % 70 == 69:
+            norms[5] = 2e19  # finite, but its square is not in float32
+        sq_ref = torch.zeros(7).index_add_(0, index, torch.from_numpy(norms).square()).numpy()
+        scale, finite, ref = stats.device_step(ref, sq_ref, ones, policy, numpy_ops, tracker)
+        pending = len(step._pending)
+        got_scale, got_finite, sq = step.from_norms([torch.tensor(v) for v in norms], layers, has_t,
+                                                    need_scale=policy.scales_global, need_finite=skip_nonfinite)
+        waited += sq is None
+        assert got_scale == float(scale) and (got_finite is None or got_finite == float(finite)), i
+        assert got_finite is not None or not skip_nonfinite
+        assert sq is None or np.array_equal(sq, sq_ref, equal_nan=True), i
+        assert len(step._pending) in (pending + 1, 0) or sq is not None
+        if i % 90 == 89 or i % 41 == 40:
+            host = step.host()
+            assert all(np.array_equal(host[k], np.asarray(ref[k], np.float32), equal_nan=True) for k in ref), i
+            if i % 90 == 89:
+                step.write(stats.reset_window(7))
+                ref = {**ref, **stats.reset_window(7)}
+    if clip == 0.5:
+        assert waited == 0  # a finite threshold needs the exact norm: read now, the rest waits
+    elif clip is None:
+        at_once = {i for i in range(400) if i % 50 == 49 or i % 70 == 69}  # NaN and overflowing steps
+        assert waited == (400 if not skip_nonfinite else 400 - len(at_once))
+    else:
+        assert 100 < waited < 150

@@ -20,6 +20,8 @@ assembly, checkpoint format) is the core's ``gradguard.pipeline``.
 from __future__ import annotations
 
 import logging
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
@@ -39,11 +41,14 @@ from gradguard.torch._probes import Probes
 from gradguard.torch._sharding import Sharding, local
 
 
+_requires_grad = attrgetter("requires_grad")
+
+
 class _Built:
     """Everything fixed once the layout is known, made in one place (``TorchEngine._build``) and
     replaced as a whole when the trainable set changes."""
 
-    def __init__(self, layout: Layout, pipe: pipeline.Pipeline, device: torch.device):
+    def __init__(self, layout: Layout, pipe: pipeline.Pipeline, device: torch.device, all_params: list):
         self.layout = layout
         self.pipeline = pipe
         self.device = device
@@ -53,19 +58,25 @@ class _Built:
         self.step_fn: _fused.NumpyStep | _fused.TorchStep | None = None  # runs stats.device_step, owns the state
         # which parameters had a gradient at the last step, and the index tensors that follow from it
         self.present: tuple[bool, ...] | None = None
+        self.all_present = False
+        # parameters not watched (frozen when the layout was built): one that is unfrozen rebuilds it
+        self.frozen = [p for p in all_params if not p.requires_grad]
         self.idx_t = self.present_idx_t = self.has_t = None
+        self.param_to_layer: _fused.ParamToLayer | None = None  # the CPU path's layer sums, numpy
         self.plain_grads: bool | None = None  # dense, real, one device, no DTensor: the fast path
         self.extras: _snapshots.Extras | None = None  # what log steps read, fixed with the gradients' set
         self.ceiling_written = False  # the policy's update ceiling, written on the first step after a build
 
     def set_present(self, present: tuple[bool, ...]) -> None:
         self.present = present
+        self.all_present = all(present)
         self.plain_grads = None
         self.extras = None
         idx = [self.layout.param_layer[i] for i, ok in enumerate(present) if ok]
         self.idx_t = torch.tensor(idx, device=self.device, dtype=torch.long)
         self.present_idx_t = torch.tensor([i for i, ok in enumerate(present) if ok], device=self.device,
                                           dtype=torch.long)
+        self.param_to_layer = _fused.ParamToLayer(idx, self.n_layers)
         has = torch.zeros(self.n_layers, device=self.device)
         if idx:
             has[torch.tensor(sorted(set(idx)), device=self.device)] = 1.0
@@ -199,7 +210,7 @@ class TorchEngine:
                                  policy=self.policy, log_every_n_steps=self.log_every_n_steps,
                                  logging_rank=logging_rank)
         pipe.step = self._steps_before_build
-        built = _Built(layout, pipe, device)
+        built = _Built(layout, pipe, device, self._all_params)
         host = pipe.initial_state()
         saved = carry if carry is not None else self._pending
         if saved:
@@ -241,18 +252,33 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ per step
 
-    def _grads(self, b: _Built) -> list[torch.Tensor]:
-        grads = [p.grad for p in b.layout.params]
-        present = tuple([g is not None for g in grads])
-        if present != b.present:
-            b.set_present(present)
-        return grads if all(present) else [g for g in grads if g is not None]
+    def _grads(self, b: _Built) -> tuple[_Built, list[torch.Tensor]]:
+        """The layout (rebuilt if parameters were frozen or unfrozen) and its present gradients.
+        The common step (every watched parameter still trainable and with a gradient, none of the
+        others unfrozen) touches each parameter once."""
+        grads = [p.grad if p.requires_grad else None for p in b.layout.params]
+        if any(map(is_, grads, repeat(None))) or any(map(_requires_grad, b.frozen)):
+            if trainable_key(self._all_params) != b.layout.trainable:
+                self._rebuild_if_trainable_changed()
+                b = self._built
+            grads = [p.grad for p in b.layout.params]
+            present = tuple([g is not None for g in grads])
+            if present != b.present:
+                b.set_present(present)
+            return b, [g for g in grads if g is not None]
+        if not b.all_present:
+            b.set_present((True,) * len(grads))
+        return b, grads
 
-    def _layer_sq(self, b: _Built, grads) -> torch.Tensor:
+    def _plain(self, b: _Built, grads) -> bool:
+        """Dense, real gradients on the layout's device, no DTensor: the fast paths."""
         if b.plain_grads is None:  # checked once per set of gradients (these facts follow the parameters)
             b.plain_grads = all(type(g) is torch.Tensor and not g.is_complex() and not g.is_sparse
-                                and g.device == b.device for g in grads)
-        if b.plain_grads:  # the common case, without a Python pass over the tensors' attributes
+                                and g.device == b.device for g in grads) and not b.sharding.active
+        return b.plain_grads
+
+    def _layer_sq(self, b: _Built, grads) -> torch.Tensor:
+        if self._plain(b, grads):  # the common case, without a Python pass over the tensors' attributes
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
             sq = b.sharding.share(torch.stack(norms).square(), b.present_idx_t)
             return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
@@ -292,31 +318,36 @@ class TorchEngine:
             raise RuntimeError("gradguard: before_step() ran twice without after_step(): the same guard is "
                                "hooked twice into one optimizer step (attach() plus guard.step(), or two "
                                "attach() calls on different optimizers)")
-        b = self._built or self._build()
-        if b.layout.trainable != tuple([p.requires_grad for p in self._all_params]):  # (= trainable_key, faster)
-            self._rebuild_if_trainable_changed()
-            b = self._built
+        b, grads = self._grads(self._built or self._build())
         self._in_step = True
         self._log_step = b.pipeline.is_log_step()
         self._sums, self._update = None, None
-        grads = self._grads(b)
         if not grads:
             return True
-        layer_sq = self._layer_sq(b, grads)
         scaler_checks_next = loss_scale is not None  # a host's scaler, yet to check the gradients
         if loss_scale is None:
             loss_scale = self._loss_scale_of(optimizer)
-        if loss_scale is not None:  # still multiplied by a GradScaler's loss scale: measure them unscaled
-            layer_sq = layer_sq / loss_scale.detach().to(layer_sq).square()
-        if self._log_step and b.pipeline.ceiling is not None:
-            self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
-        scale, finite = b.step_fn(layer_sq, b.has_t)
+        may_clip = self.policy.scales_global and self.clipping_allowed
+        if b.step_fn.reads_free and loss_scale is None and self._plain(b, grads):
+            # A CPU device: the step reads the norms itself; most steps leave them unread for later.
+            if self._log_step and b.pipeline.ceiling is not None:
+                self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            scale, finite, sq = b.step_fn.from_norms(norms, b.param_to_layer, b.has_t, need_scale=may_clip,
+                                                     need_finite=self.skip_nonfinite, now=self._log_step)
+            layer_sq = None if sq is None else torch.from_numpy(sq)
+        else:
+            layer_sq = self._layer_sq(b, grads)
+            if loss_scale is not None:  # still multiplied by a GradScaler's loss scale: measure them unscaled
+                layer_sq = layer_sq / loss_scale.detach().to(layer_sq).square()
+            if self._log_step and b.pipeline.ceiling is not None:
+                self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
+            scale, finite = b.step_fn(layer_sq, b.has_t)
         if self._log_step:
             unscale = 1.0 if loss_scale is None else 1.0 / float(loss_scale)  # (a log step reads the host)
             self._sums = _snapshots.measure(b, grads, layer_sq, self.histograms, unscale)
         if self.policy.unitwise is not None and self.clipping_allowed:
             self._clip_unitwise(b, grads, loss_scale)
-        may_clip = self.policy.scales_global and self.clipping_allowed
         if b.step_fn.reads_free:
             # A CPU device: the verdict is already a Python float; multiply by a float, only when clipping.
             self._set_gate("host read (cpu)" if self.skip_nonfinite else "none")

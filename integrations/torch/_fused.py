@@ -41,6 +41,32 @@ COMPILE_AFTER = 50  # eager steps before the background compile starts (short ru
 
 DEFER_MAX = 64  # steps whose bookkeeping may wait (see NumpyStep)
 _NO_SIGNALS = Signals(np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0))
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+class ParamToLayer:
+    """Per-layer sums of per-parameter squared norms, in numpy, for one set of present gradients:
+    ``layer_sq(rows)`` maps (k, P) squared norms to (k, L) layer sums, each layer's parameters added
+    one after another in parameter order (the order ``index_add_`` adds them in), so one step gives
+    the same float32 sums whether it runs at once or with others later."""
+
+    def __init__(self, param_layer: list[int], n_layers: int):
+        n_params = len(param_layer)
+        counts = np.bincount(np.asarray(param_layer, np.int64), minlength=n_layers) if n_params else np.zeros(1)
+        gather = np.full((max(1, int(counts.max())), n_layers), n_params, np.int64)  # n_params: a zero column
+        filled = np.zeros(n_layers, np.int64)
+        for j, layer in enumerate(param_layer):
+            gather[filled[layer], layer] = j
+            filled[layer] += 1
+        self.n_params, self._gather = n_params, gather
+
+    def layer_sq(self, norms: np.ndarray) -> np.ndarray:
+        """(k, P) per-parameter norms -> (k, L) per-layer sums of their squares (float32)."""
+        sq = np.zeros((norms.shape[0], self.n_params + 1), np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN stay, as in torch
+            np.multiply(norms, norms, out=sq[:, :-1])
+        # (k, m, L) reduced over m, the middle axis: numpy adds its slices in order, not pairwise
+        return sq[:, self._gather].sum(axis=1, dtype=np.float32)
 
 
 class NumpyStep:
@@ -53,7 +79,13 @@ class NumpyStep:
     for up to ``DEFER_MAX`` steps in a row, before any other step and any read of the state. Same
     numbers, same order; run back to back, the ~100 small numpy operations of a step cost a
     fraction of what they cost right after a pass over the gradients has pushed them out of the
-    caches."""
+    caches.
+
+    ``from_norms`` goes one further, for a caller holding the per-parameter norms (``torch.
+    _foreach_norm``'s list of 0-d tensors): a step whose verdict needs no exact global norm (nothing
+    to clip with a finite threshold: ``clip=None``, ``auto`` on a quiet step) keeps the list as it is
+    and turns it into layer sums later, with the other waiting steps, in one ``torch.stack``; the
+    verdict itself then costs at most one read of each norm."""
 
     path = "numpy (cpu)"
     reads_free = True
@@ -69,25 +101,98 @@ class NumpyStep:
         if (self._defer == "always" and self._latch is not None) or (self._defer == "quiet" and self._latch is None):
             self._defer = None
         self._quiet_jump = 0.5 * math.log(tracker.spike_factor) - 1e-3  # (margin: float32 rounding)
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        # waiting steps, oldest first: (layer_sq, has) or (list of per-parameter norms, ParamToLayer, has)
+        self._pending: list[tuple] = []
         self._pending_min_x = math.inf
         self._pol_state = None
+        self._never_clips: bool | None = None  # an "always" policy whose threshold is inf (clip=None)
 
-    def __call__(self, layer_sq: torch.Tensor, has_t: torch.Tensor) -> tuple[float, float]:
+    def _has_np(self, has_t: torch.Tensor) -> np.ndarray:
         if self._has is None or self._has[0] is not has_t:
             self._has = (has_t, has_t.numpy().astype(np.float32))
-        sq = layer_sq.numpy()
+        return self._has[1]
+
+    def __call__(self, layer_sq: torch.Tensor | np.ndarray, has_t: torch.Tensor) -> tuple[float, float]:
+        has = self._has_np(has_t)
+        sq = layer_sq.numpy() if torch.is_tensor(layer_sq) else layer_sq
         if self._defer is not None:
             verdict = self._verdict(sq)
             if verdict is not None:
-                self._pending.append((sq, self._has[1]))
-                if len(self._pending) >= DEFER_MAX:
-                    self._flush()
+                self._wait((sq, has))
                 return verdict
             self._flush()
-        scale, finite, self._state_now = stats.device_step(self._state_now, sq, self._has[1], self._policy,
+        scale, finite, self._state_now = stats.device_step(self._state_now, sq, has, self._policy,
                                                            fast_numpy_ops, self._tracker)
         return float(scale), float(finite)
+
+    def from_norms(self, norms: list[torch.Tensor], layers: ParamToLayer, has_t: torch.Tensor, *,
+                   need_scale: bool, need_finite: bool, now: bool = False
+                   ) -> tuple[float, float | None, np.ndarray | None]:
+        """The step from per-parameter norms (float32 0-d tensors on the CPU). ``need_scale``: the
+        caller multiplies by the scale; ``need_finite``: it gates on the finite flag (else the flag
+        may come back None, not computed); ``now``: the caller needs the layer sums (a log step).
+        Returns ``(scale, finite, layer_sq)``; ``layer_sq`` is None when the step waits with its
+        norms unread."""
+        has = self._has_np(has_t)
+        if self._defer is not None and not now:
+            verdict = self._lazy_verdict(norms, need_scale, need_finite)
+            if verdict is not None:
+                scale, finite, values = verdict
+                self._wait((norms if values is None else values, layers, has))
+                return scale, finite, None
+        sq = layers.layer_sq(torch.stack(norms).numpy()[None])[0]
+        scale, finite = self(sq, has_t)
+        return scale, finite, sq
+
+    def _lazy_verdict(self, norms, need_scale: bool, need_finite: bool
+                      ) -> tuple[float, float | None, list[float] | None] | None:
+        """The verdict of a step that can wait with its norms unread (or read once, as Python floats:
+        then they are returned), or None."""
+        if self._defer == "always":
+            if self._never_clips is None:
+                self._never_clips = self._threshold(np.float32(1.0)) == math.inf
+            if need_scale and not self._never_clips:
+                return None  # a finite threshold: the scale needs the exact float32 norm
+            if not need_finite:
+                return 1.0, None, None
+        values = list(map(torch.Tensor.item, norms))  # (one read each: cheaper than a stack on a CPU)
+        total = 0.0
+        for v in values:
+            total += v * v
+        if not total < 0.999 * _F32_MAX:  # non-finite, or so close to float32's overflow that it may be
+            return None
+        if self._defer == "always":
+            return 1.0, 1.0, values
+        # "quiet", with margins for a float64 sum standing in for device_step's float32 one
+        if float(self._state_now[self._latch]) > 0:
+            return None
+        gnorm = math.sqrt(total)
+        if self._ceiling is not None and not gnorm * (1.0 + 1e-4) <= float(self._state_now[self._ceiling]):
+            return None
+        verdict = self._if_quiet(gnorm)
+        return None if verdict is None else (*verdict, values)
+
+    def _if_quiet(self, gnorm: float) -> tuple[float, float] | None:
+        x = math.log(max(gnorm, 1e-30))
+        # The tracker's level after the pending steps is at least the lowest of its level now and
+        # their log norms (an EMA of values each at least min(level, x)): below sqrt(spike_factor)
+        # above that, this step is neither a spike nor elevated, so no explosion: threshold inf.
+        if x - min(float(self._state_now["trk_mean"]), self._pending_min_x) >= self._quiet_jump:
+            return None
+        self._pending_min_x = min(self._pending_min_x, x)
+        return 1.0, 1.0
+
+    def _wait(self, entry: tuple) -> None:
+        self._pending.append(entry)
+        if len(self._pending) >= DEFER_MAX:
+            self._flush()
+
+    def _threshold(self, gnorm):
+        if self._pol_state is None:  # (constant for these policies until the state is written)
+            n = len(stats.POLICY_PREFIX)
+            fields = {k[n:]: v for k, v in self._state_now.items() if k.startswith(stats.POLICY_PREFIX)}
+            self._pol_state = state_like(self._policy.init(), fields)
+        return self._policy.update(self._pol_state, gnorm, _NO_SIGNALS, fast_numpy_ops)[0]
 
     def _verdict(self, layer_sq: np.ndarray) -> tuple[float, float] | None:
         """``device_step``'s scale and finite flag, by its own expressions, or None when this step
@@ -101,26 +206,15 @@ class NumpyStep:
                 return None
             if self._ceiling is not None and not float(gnorm) <= float(self._state_now[self._ceiling]):
                 return None  # the update ceiling may bind
-            x = math.log(max(float(gnorm), 1e-30))
-            # The tracker's level after the pending steps is at least the lowest of its level now and
-            # their log norms (an EMA of values each at least min(level, x)): below sqrt(spike_factor)
-            # above that, this step is neither a spike nor elevated, so no explosion: threshold inf.
-            if x - min(float(self._state_now["trk_mean"]), self._pending_min_x) >= self._quiet_jump:
-                return None
-            self._pending_min_x = min(self._pending_min_x, x)
-            return 1.0, 1.0
-        if self._pol_state is None:  # (constant for these policies until the state is written)
-            n = len(stats.POLICY_PREFIX)
-            fields = {k[n:]: v for k, v in self._state_now.items() if k.startswith(stats.POLICY_PREFIX)}
-            self._pol_state = state_like(self._policy.init(), fields)
-        threshold, _ = self._policy.update(self._pol_state, gnorm, _NO_SIGNALS, xp)
+            return self._if_quiet(float(gnorm))
+        threshold = self._threshold(gnorm)
         clip = finite * xp.asfloat(gnorm > threshold)
         scale = xp.where(clip > 0, threshold / (gnorm + 1e-6), 1.0)
         return float(scale), float(finite)
 
     def _flush(self) -> None:
         pending, self._pending, self._pending_min_x = self._pending, [], math.inf
-        for sq, has in pending:
+        for sq, has in _layer_rows(pending):
             _, _, self._state_now = stats.device_step(self._state_now, sq, has, self._policy, fast_numpy_ops,
                                                       self._tracker)
 
@@ -142,6 +236,31 @@ class NumpyStep:
         for k, v in values.items():
             state[k] = np.array(np.asarray(v, np.float32))
         self._pol_state = None
+        self._never_clips = None
+
+
+def _layer_rows(pending: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The waiting steps as (layer_sq, has) rows, in order; the per-parameter norms of the steps
+    that wait with them (read as Python floats, or still 0-d tensors: read here, one ``item`` each,
+    cheaper than stacking thousands of them) become layer sums in one pass per set of gradients."""
+    rows: list = [None] * len(pending)
+    by_layers: dict[int, list[int]] = {}
+    for i, entry in enumerate(pending):
+        if len(entry) == 2:
+            rows[i] = entry
+        else:
+            by_layers.setdefault(id(entry[1]), []).append(i)
+    read = torch.Tensor.item
+    for at in by_layers.values():
+        layers = pending[at[0]][1]
+        flat: list[float] = []
+        for i in at:
+            norms = pending[i][0]
+            flat += norms if not norms or type(norms[0]) is float else map(read, norms)
+        sums = layers.layer_sq(np.array(flat, np.float32).reshape(len(at), layers.n_params))
+        for row, i in enumerate(at):
+            rows[i] = (sums[row], pending[i][2])
+    return rows
 
 
 class TorchStep:

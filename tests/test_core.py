@@ -129,6 +129,50 @@ def test_window_catches_a_spike_between_log_steps():
     assert w.global_norm_last == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("n_layers, trace_size", [(7, 256), (300, 16)])
+@pytest.mark.parametrize("policy", [clipping.no_clipping(), clipping.fixed(3.0), clipping.auto()],
+                         ids=lambda p: p.name)
+def test_waited_steps_are_device_steps_bit_for_bit(policy, n_layers, trace_size):
+    """``stats.waited_steps`` on batches of 1 to 40 rows gives the state k ``device_step`` calls give,
+    bit for bit: NaN and overflowing steps, layers without a gradient, all-zero layers, lone spikes
+    and a sustained excursion (``auto``: quiet steps only, as the CPU path batches them), sums over
+    300 layers (numpy's pairwise reduction), a trace shorter than the batch."""
+    from gradguard.ops import fast_numpy_ops
+
+    rng = np.random.default_rng(3)
+    tracker = stats.TrackerConfig()
+    quiet_only = policy.verdict_without_state == "quiet"
+    rows, has_rows = [], []
+    for i in range(400):
+        scale = 1.0 if quiet_only else (1e4 if i % 37 == 36 or 300 <= i < 306 else 1.0)
+        sq = (rng.random(n_layers) * scale * np.exp(rng.normal(0, 3))).astype(np.float32)
+        has = np.ones(n_layers, np.float32)
+        if i % 13 == 5:
+            has[1], sq[1] = 0.0, 0.0
+        if i % 17 == 3:
+            sq[2] = 0.0
+        if not quiet_only and i % 50 == 49:
+            sq[3] = np.nan if i % 100 == 49 else np.inf
+        rows.append(sq)
+        has_rows.append(has)
+    ref = stats.init_state(n_layers, policy, trace_size=trace_size)
+    got = dict(ref)
+    i, sizes = 0, [1, 2, 40, 7, 33, 3, 64]
+    while i < 400:
+        k = min(sizes[i % len(sizes)], 400 - i)
+        for j in range(i, i + k):
+            _, _, ref = stats.device_step(ref, rows[j], has_rows[j], policy, fast_numpy_ops, tracker)
+        got = stats.waited_steps(got, np.stack(rows[i:i + k]), np.stack(has_rows[i:i + k]), policy, tracker)
+        assert set(got) == set(ref)
+        for key in ref:
+            assert np.array_equal(np.asarray(got[key], np.float32), np.asarray(ref[key], np.float32),
+                                  equal_nan=True), (i, key)
+        i += k
+    window = stats.WindowStats.from_state(ref, last_step=399)
+    assert window.nonfinite_steps == (0 if quiet_only else 8) and window.layer_zero[2] > 0
+    assert quiet_only or (window.spikes > 0 and window.explosions > 0)
+
+
 @pytest.mark.parametrize("bad, error", [("fast", ValueError), (-1.0, ValueError), (0, ValueError),
                                          (float("nan"), ValueError), ([1.0], TypeError), (True, TypeError)])
 def test_clip_argument_is_checked(bad, error):

@@ -265,12 +265,11 @@ def test_no_host_sync_on_steps_that_do_not_log(host_reads, skip_nonfinite, fused
 
 
 @pytest.mark.parametrize("clip, skip_nonfinite, reads_per_step", [("auto", True, "norms"), (None, True, "norms"),
-                                                                    (None, False, 0), (0.5, True, 1)])
+                                                                    (None, False, "norms"), (0.5, True, 1)])
 def test_on_a_cpu_device_the_verdict_is_read_for_free(host_reads, clip, skip_nonfinite, reads_per_step):
-    """A CPU device runs the bookkeeping in numpy. A quiet step of ``auto`` (and the non-finite gate)
-    reads each parameter's norm once (free on a CPU) and leaves the rest for later; ``clip=None``
-    without the gate reads nothing at all; a fixed threshold needs the exact norm: one zero-copy
-    view of the stacked norms."""
+    """A CPU device runs the bookkeeping in numpy. A quiet step of ``auto`` and ``clip=None`` read each
+    parameter's norm once (free on a CPU) and leave the rest for later; a fixed threshold needs the
+    exact float32 norm: one zero-copy view of the stacked norms."""
     torch.manual_seed(0)
     model = ConvNet(depth=2)
     guard = GradGuard(model, clip=clip, skip_nonfinite=skip_nonfinite, log_every_n_steps=1000)
@@ -793,9 +792,9 @@ def test_the_cpu_bookkeeping_deferred_gives_the_same_verdicts_and_state(clip):
 
 @pytest.mark.parametrize("skip_nonfinite", [True, False])
 @pytest.mark.parametrize("clip", [None, 0.5, "auto"])
-def test_the_cpu_bookkeeping_from_unread_norms_is_the_step_run_at_once(clip, skip_nonfinite):
-    """``NumpyStep.from_norms``: steps that wait with their per-parameter norms unread, then read in
-    one stack with the others, give the verdicts and the state of the step run at once on layer
+def test_the_cpu_bookkeeping_from_norms_read_as_floats_is_the_step_run_at_once(clip, skip_nonfinite):
+    """``NumpyStep.from_norms``: steps that wait with their per-parameter norms read as floats, made
+    into layer sums later with the others, give the verdicts and the state of the step run at once on layer
     sums made by ``index_add_``, bit for bit: NaN steps, norms whose squares overflow float32, lone
     spikes, a sustained excursion, a layer of three parameters, reads and window resets."""
     import numpy as np

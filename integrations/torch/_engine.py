@@ -329,7 +329,7 @@ class TorchEngine:
             loss_scale = self._loss_scale_of(optimizer)
         may_clip = self.policy.scales_global and self.clipping_allowed
         if b.step_fn.reads_free and loss_scale is None and self._plain(b, grads):
-            # A CPU device: the step reads the norms itself; most steps leave them unread for later.
+            # A CPU device: the step reads the norms itself (most steps once each, as floats, the rest later).
             if self._log_step and b.pipeline.ceiling is not None:
                 self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)

@@ -82,10 +82,11 @@ class NumpyStep:
     caches.
 
     ``from_norms`` goes one further, for a caller holding the per-parameter norms (``torch.
-    _foreach_norm``'s list of 0-d tensors): a step whose verdict needs no exact global norm (nothing
-    to clip with a finite threshold: ``clip=None``, ``auto`` on a quiet step) keeps the list as it is
-    and turns it into layer sums later, with the other waiting steps, in one ``torch.stack``; the
-    verdict itself then costs at most one read of each norm."""
+    _foreach_norm``'s list of 0-d tensors): a step whose verdict needs no exact float32 global norm
+    (nothing to clip with a finite threshold: ``clip=None``, ``auto`` on a quiet step) reads each
+    norm once as a Python float (cheaper than a stack right after a pass over the gradients) and
+    turns them into layer sums later, with the other waiting steps; the waiting steps' bookkeeping
+    then runs as one batch (``stats.waited_steps``)."""
 
     path = "numpy (cpu)"
     reads_free = True
@@ -132,30 +133,32 @@ class NumpyStep:
         caller multiplies by the scale; ``need_finite``: it gates on the finite flag (else the flag
         may come back None, not computed); ``now``: the caller needs the layer sums (a log step).
         Returns ``(scale, finite, layer_sq)``; ``layer_sq`` is None when the step waits with its
-        norms unread."""
+        norms read as floats and its layer sums not made yet."""
         has = self._has_np(has_t)
         if self._defer is not None and not now:
             verdict = self._lazy_verdict(norms, need_scale, need_finite)
             if verdict is not None:
                 scale, finite, values = verdict
-                self._wait((norms if values is None else values, layers, has))
+                self._wait((values, layers, has))
                 return scale, finite, None
         sq = layers.layer_sq(torch.stack(norms).numpy()[None])[0]
         scale, finite = self(sq, has_t)
         return scale, finite, sq
 
     def _lazy_verdict(self, norms, need_scale: bool, need_finite: bool
-                      ) -> tuple[float, float | None, list[float] | None] | None:
-        """The verdict of a step that can wait with its norms unread (or read once, as Python floats:
-        then they are returned), or None."""
+                      ) -> tuple[float, float | None, list[float]] | None:
+        """The verdict of a step that can wait with its norms read as Python floats (returned), or
+        None."""
         if self._defer == "always":
             if self._never_clips is None:
                 self._never_clips = self._threshold(np.float32(1.0)) == math.inf
             if need_scale and not self._never_clips:
                 return None  # a finite threshold: the scale needs the exact float32 norm
-            if not need_finite:
-                return 1.0, None, None
-        values = list(map(torch.Tensor.item, norms))  # (one read each: cheaper than a stack on a CPU)
+        # One read of each norm, now: cheaper on a CPU than a stack, and than reading the 0-d tensors
+        # later, when they have left the caches.
+        values = list(map(torch.Tensor.item, norms))
+        if self._defer == "always" and not need_finite:
+            return 1.0, None, values
         total = 0.0
         for v in values:
             total += v * v
@@ -214,9 +217,11 @@ class NumpyStep:
 
     def _flush(self) -> None:
         pending, self._pending, self._pending_min_x = self._pending, [], math.inf
-        for sq, has in _layer_rows(pending):
-            _, _, self._state_now = stats.device_step(self._state_now, sq, has, self._policy, fast_numpy_ops,
-                                                      self._tracker)
+        if not pending:
+            return
+        rows = _layer_rows(pending)
+        self._state_now = stats.waited_steps(self._state_now, np.stack([sq for sq, _ in rows]),
+                                             np.stack([has for _, has in rows]), self._policy, self._tracker)
 
     @property
     def _state(self) -> dict[str, Any]:
@@ -241,8 +246,7 @@ class NumpyStep:
 
 def _layer_rows(pending: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
     """The waiting steps as (layer_sq, has) rows, in order; the per-parameter norms of the steps
-    that wait with them (read as Python floats, or still 0-d tensors: read here, one ``item`` each,
-    cheaper than stacking thousands of them) become layer sums in one pass per set of gradients."""
+    that wait with them become layer sums in one pass per set of gradients."""
     rows: list = [None] * len(pending)
     by_layers: dict[int, list[int]] = {}
     for i, entry in enumerate(pending):
@@ -250,13 +254,11 @@ def _layer_rows(pending: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
             rows[i] = entry
         else:
             by_layers.setdefault(id(entry[1]), []).append(i)
-    read = torch.Tensor.item
     for at in by_layers.values():
         layers = pending[at[0]][1]
         flat: list[float] = []
         for i in at:
-            norms = pending[i][0]
-            flat += norms if not norms or type(norms[0]) is float else map(read, norms)
+            flat += pending[i][0]
         sums = layers.layer_sq(np.array(flat, np.float32).reshape(len(at), layers.n_params))
         for row, i in enumerate(at):
             rows[i] = (sums[row], pending[i][2])

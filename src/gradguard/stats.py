@@ -133,30 +133,10 @@ def policy_keys(state: Mapping[str, Any]) -> list[str]:
     return [k for k in state if k.startswith(POLICY_PREFIX)]
 
 
-def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: ClipPolicy, xp,
-                tracker: TrackerConfig = TrackerConfig()) -> tuple[Any, Any, dict[str, Any]]:
-    """One optimizer step's bookkeeping. ``layer_sq``: per-layer sum of squared gradients (L,);
-    ``has_grad``: 1.0 for layers that received a gradient this step, else 0.0 (L,).
-
-    Returns ``(scale, finite, new_state)``: multiply the gradients by ``scale`` (1 when not
-    clipping); ``finite`` is 1.0 when every gradient is finite. A non-finite step leaves the
-    tracker and the policy untouched.
-    """
-    s = dict(state)
-    ones = has_grad[:1] * 0.0 + 1.0
-    sq = xp.concat([layer_sq, xp.sum(layer_sq)[None]])  # the global norm rides along as a last column
-    has = xp.concat([has_grad, ones])
-    norms = xp.sqrt(sq)
-    ok_mask = (has > 0) & xp.isfinite(norms)
-    ok = xp.asfloat(ok_mask)
-    clean = xp.where(ok_mask, norms, 0.0)
-    gnorm, finite = clean[-1], ok[-1]
-
-    s["acc_sum"] = s["acc_sum"] + xp.stack([clean, ok, has - ok, xp.asfloat(clean == 0.0) * ok])
-    s["acc_max"] = xp.maximum(s["acc_max"], clean)
-    s["acc_min"] = xp.where(ok_mask, xp.minimum(s["acc_min"], clean), s["acc_min"])
-    s["acc_last"] = norms * has
-
+def _track(s: dict[str, Any], gnorm: Any, finite: Any, xp, tracker: TrackerConfig) -> tuple[Any, ...]:
+    """The spike tracker's part of one step (its ``trk_*`` fields and ``acc_max_run`` in ``s``, moved
+    in place). Returns ``(spike, explosion, jump, overflow, level, spread)``: level and spread (log
+    space) as they were before this step."""
     # Spike tracker on log(norm): scale-free, so one rule serves every model size.
     count, mean, var = s["trk_count"], s["trk_mean"], s["trk_var"]
     usable = finite * xp.asfloat(gnorm > 0.0)
@@ -189,6 +169,34 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     s["trk_var"] = var + usable * (1.0 - capped) * (new_var - var)
     s["trk_count"] = count + usable
     s["trk_prev"] = s["trk_prev"] + usable * (x - s["trk_prev"])
+    return spike, explosion, jump, overflow, mean, sigma
+
+
+def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: ClipPolicy, xp,
+                tracker: TrackerConfig = TrackerConfig()) -> tuple[Any, Any, dict[str, Any]]:
+    """One optimizer step's bookkeeping. ``layer_sq``: per-layer sum of squared gradients (L,);
+    ``has_grad``: 1.0 for layers that received a gradient this step, else 0.0 (L,).
+
+    Returns ``(scale, finite, new_state)``: multiply the gradients by ``scale`` (1 when not
+    clipping); ``finite`` is 1.0 when every gradient is finite. A non-finite step leaves the
+    tracker and the policy untouched.
+    """
+    s = dict(state)
+    ones = has_grad[:1] * 0.0 + 1.0
+    sq = xp.concat([layer_sq, xp.sum(layer_sq)[None]])  # the global norm rides along as a last column
+    has = xp.concat([has_grad, ones])
+    norms = xp.sqrt(sq)
+    ok_mask = (has > 0) & xp.isfinite(norms)
+    ok = xp.asfloat(ok_mask)
+    clean = xp.where(ok_mask, norms, 0.0)
+    gnorm, finite = clean[-1], ok[-1]
+
+    s["acc_sum"] = s["acc_sum"] + xp.stack([clean, ok, has - ok, xp.asfloat(clean == 0.0) * ok])
+    s["acc_max"] = xp.maximum(s["acc_max"], clean)
+    s["acc_min"] = xp.where(ok_mask, xp.minimum(s["acc_min"], clean), s["acc_min"])
+    s["acc_last"] = norms * has
+
+    spike, explosion, jump, overflow, mean, sigma = _track(s, gnorm, finite, xp, tracker)
 
     # Clipping policy; its state only moves on finite steps.
     n = len(POLICY_PREFIX)
@@ -216,6 +224,71 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
         row = xp.stack([norms[-1], s["threshold"], scale, flags])
         s["trace"] = xp.concat([s["trace"][1:], row[None]])
     return scale, finite, s
+
+
+def waited_steps(state: Mapping[str, Any], layer_sq: np.ndarray, has_grad: np.ndarray, policy: ClipPolicy,
+                 tracker: TrackerConfig = TrackerConfig()) -> dict[str, Any]:
+    """``device_step`` for k steps at once, in numpy: ``layer_sq`` and ``has_grad`` are (k, L), one
+    row per step, oldest first. Only for steps whose verdict was given without the state
+    (``ClipPolicy.verdict_without_state``: on each of them the policy leaves its state as it was).
+    The new state is the one k calls of ``device_step`` with ``gradguard.ops.fast_numpy_ops`` give,
+    bit for bit: the per-layer work runs once on the (k, L) rows, in the same order of float32
+    operations; the tracker, which carries from step to step, runs step by step."""
+    from gradguard.ops import fast_numpy_ops as xp
+
+    f32 = np.float32
+    s = dict(state)
+    k = layer_sq.shape[0]
+    sq = np.concatenate([layer_sq, layer_sq.sum(axis=1, dtype=f32)[:, None]], axis=1)
+    has = np.concatenate([has_grad, np.ones((k, 1), f32)], axis=1)
+    norms = np.sqrt(sq)
+    ok_mask = (has > 0) & np.isfinite(norms)
+    ok = ok_mask.astype(f32)
+    clean = np.where(ok_mask, norms, f32(0.0))
+    zero = (clean == 0.0).astype(f32) * ok
+    acc_sum = s["acc_sum"]
+    for i in range(k):  # (added one step after the other, as device_step adds them)
+        acc_sum = acc_sum + np.stack([clean[i], ok[i], has[i] - ok[i], zero[i]])
+    s["acc_sum"] = acc_sum
+    s["acc_max"] = np.maximum(s["acc_max"], clean.max(axis=0))
+    s["acc_min"] = np.minimum(s["acc_min"], np.where(ok_mask, clean, f32(INF)).min(axis=0))
+    s["acc_last"] = norms[-1] * has[-1]
+
+    gnorm, finite = clean[:, -1], ok[:, -1]
+    signals = np.zeros((6, k), f32)  # spike, explosion, jump, overflow, level, spread
+    for i in range(k):
+        signals[:, i] = _track(s, gnorm[i], finite[i], xp, tracker)
+    spike, explosion, jump, overflow, level, spread = signals
+    n = len(POLICY_PREFIX)
+    pol_fields = {key[n:]: v for key, v in s.items() if key.startswith(POLICY_PREFIX)}
+    threshold, _ = policy.update(state_like(policy.init(), pol_fields), gnorm,
+                                 Signals(spike, explosion, level, spread), xp)
+    threshold = np.broadcast_to(np.asarray(threshold, f32), (k,))
+    clip = finite * (gnorm > threshold).astype(f32)
+    scale = np.where(clip > 0, threshold / (gnorm + f32(1e-6)), f32(1.0)).astype(f32)
+    # the threshold in force after each step: a non-finite step keeps the one before it
+    last_finite = np.maximum.accumulate(np.where(finite > 0, np.arange(k), -1))
+    in_force = np.where(last_finite >= 0, threshold[np.maximum(last_finite, 0)], s["threshold"]).astype(f32)
+    s["threshold"] = in_force[-1]
+    latch = latch_key(policy)
+    if latch is not None:
+        s[latch] = xp.maximum(s[latch], overflow.max())
+
+    events = np.stack([1.0 - finite, spike, explosion])
+    index = s["acc_steps"] + np.arange(k, dtype=f32)
+    seen = events > 0
+    first = np.where(seen.any(axis=1), index[seen.argmax(axis=1)], f32(-1.0))
+    s["acc_first"] = np.where(s["acc_first"] < 0, first, s["acc_first"]).astype(f32)
+    s["acc_count"] = s["acc_count"] + np.stack([clip, spike, explosion]).sum(axis=1, dtype=f32)
+    s["acc_max_jump"] = xp.maximum(s["acc_max_jump"], jump.max())
+    s["acc_scale_min"] = xp.minimum(s["acc_scale_min"], scale.min())
+    s["acc_steps"] = s["acc_steps"] + f32(k)
+    if "trace" in s:
+        flags = (1.0 - finite) * FLAG_NONFINITE + clip * FLAG_CLIPPED + spike * FLAG_SPIKE + explosion * FLAG_EXPLOSION
+        rows = np.stack([norms[:, -1], in_force, scale, flags], axis=1).astype(f32)
+        size = s["trace"].shape[0]
+        s["trace"] = np.concatenate([s["trace"][min(k, size):], rows[max(0, k - size):]])
+    return s
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ from transformers import Trainer  # noqa: E402
 
 from gradguard.transformers import GradGuardCallback  # noqa: E402
 from hf_cases import json_text_dataset, tiny_llama, training_args  # noqa: E402
+from nets import CountSyncs  # noqa: E402
 
 
 def _train(tmp_path, callback=None, model=None, **args):
@@ -108,6 +109,69 @@ def test_poisoned_batch_is_skipped_weights_optimizer_and_schedule_untouched(tmp_
     assert adam_steps == {19}
     assert trainer.lr_scheduler.last_epoch == 19
     assert trainer.state.log_history[1]["gradguard/skipped_steps"] == 1  # the row of step 10
+
+
+class _AcceleratorPathCallback(GradGuardCallback):
+    """The real callback on the accelerator path (no free host reads, as on a GPU), forced on this CPU;
+    records, per optimizer step, the gate used and the host reads its hook made, and the weights and
+    optimizer state around the optimizer step ``watch_step``."""
+
+    def __init__(self, watch_step: int, **kwargs):
+        super().__init__(**kwargs)
+        self.watch_step = watch_step
+        self.steps: list[tuple[bool, str, int]] = []  # (log step, gate, host reads)
+        self.snapshots: dict[str, tuple] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._engine.host_reads_free = False
+
+    def _snapshot(self, name, state, model, optimizer):
+        if state.global_step == self.watch_step:
+            weights = [p.detach().clone() for p in model.parameters()]
+            moments = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
+            self.snapshots[name] = (weights, moments)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._snapshot("before", state, model, optimizer)
+        with CountSyncs() as mode:
+            super().on_pre_optimizer_step(args, state, control, optimizer=optimizer, **kwargs)
+        self.steps.append((self._engine._log_step, self._engine.gate, mode.count))
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._snapshot("after", state, model, optimizer)
+        super().on_optimizer_step(args, state, control, **kwargs)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_fused_optimizer_gets_the_verdict_on_the_device_under_the_trainer(tmp_path, fused):
+    """Through Accelerate's AcceleratedOptimizer, a fused AdamW takes the non-finite verdict on the device
+    (gate "optimizer", no host read on a non-log step) and skips the poisoned step itself, weights and
+    moments untouched; a plain one is gated by one host read, as before."""
+    model = tiny_llama()
+    model.model.layers[0].mlp.register_forward_hook(_PoisonOnce(at_call=7))  # optimizer step 6: not a log step
+    cb = _AcceleratorPathCallback(watch_step=6, clip="auto")
+    trainer, model = _train(tmp_path, cb, model=model, max_grad_norm=0.0, max_steps=10,
+                            optim="adamw_torch_fused" if fused else "adamw_torch")
+    inner = trainer.optimizer.optimizer
+    assert getattr(inner, "_step_supports_amp_scaling", False) == fused
+
+    plain = [(gate, reads) for log, gate, reads in cb.steps if not log]
+    assert len(cb.steps) == 10 and len(plain) == 7  # steps 0, 4, 9 log
+    assert set(plain) == ({("optimizer", 0)} if fused else {("host read", 1)})
+    before_w, before_opt = cb.snapshots["before"]
+    after_w, after_opt = cb.snapshots["after"]
+    assert all(torch.equal(p, q) for p, q in zip(before_w, after_w))  # the poisoned step never reached the weights
+    for s_before, s_after in zip(before_opt, after_opt, strict=True):  # ... nor AdamW's moments and step
+        assert all(torch.equal(s_before[k], s_after[k]) for k in s_before)
+    assert {int(s["step"]) for s in inner.state.values()} == {9} and _finite(model)
+    assert cb.skipped_steps == 1 and cb.totals["nonfinite"] == 1 and cb.totals["steps"] == 10
+    assert "nonfinite" in {f.kind for f in cb.findings}
+    for opt in (inner, trainer.optimizer):  # handed back after the step
+        assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+    # The skipped-step flag needs the verdict on the host: with the device gate it stays down, so the LR
+    # scheduler advances on the skipped step (as global_step does); the host-read gate holds it.
+    assert trainer.lr_scheduler.last_epoch == (10 if fused else 9)
 
 
 def test_checkpoint_carries_the_callback_state_and_resume_restores_it(tmp_path):

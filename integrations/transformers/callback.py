@@ -13,7 +13,11 @@ Hook points, per optimizer step (after gradient accumulation):
   gradients and clips them once: by the Trainer's ``max_grad_norm`` (same rule as ``clip_grad_norm_``)
   when it is > 0, else by ``clip=``. A non-finite step: gradients set to None, so ``optimizer.step()``
   leaves weights and optimizer state alone, and Accelerate's skipped-step flag is raised so the Trainer
-  does not step the learning-rate scheduler (what it does for an fp16 overflow).
+  does not step the learning-rate scheduler (what it does for an fp16 overflow). On an accelerator, a
+  fused torch optimizer (``fused=True``) without fp16's GradScaler gets the verdict and the clip factor
+  on the device instead (the engine's sync-free gate): it skips a non-finite update itself, and since
+  nothing reads the verdict on the host, the skipped-step flag stays down on such a non-log step (the
+  learning-rate scheduler then advances, as ``global_step`` does); see ``_fused_gate_optimizer``.
 * ``on_optimizer_step``: the engine finishes the step (detectors and a record on log steps).
 * ``on_log``: the latest record's scalars join the Trainer's training log, so every ``report_to``
   target receives them at ``logging_steps``.
@@ -37,6 +41,7 @@ from gradguard.options import Options, pop_wandb
 from gradguard.findings import Finding
 from gradguard.sinks import LogRecord, Sink, make_sinks
 from gradguard.torch import TorchEngine
+from gradguard.torch._optim import unwrap as unwrap_optimizer
 
 __all__ = ["GradGuardCallback"]
 
@@ -81,6 +86,23 @@ def _refuse_unsupported(args: Any) -> None:
     if getattr(args, "fsdp", None):
         raise ValueError(f"GradGuardCallback does not support the Trainer's FSDP yet (TrainingArguments(fsdp="
                          f"{args.fsdp!r})); it supports single-device and DDP training.")
+
+
+def _fused_gate_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside Accelerate's ``AcceleratedOptimizer``, for the engine's sync-free gate
+    (a fused optimizer takes the verdict and the clip factor on the device as ``found_inf``/
+    ``grad_scale``; ``AcceleratedOptimizer.step`` calls its ``step()`` directly, which reads them, and
+    the engine takes them back at ``after_step``), or None where that cannot work: under fp16's
+    ``GradScaler`` (``optimizer.scaler``), whose ``step`` sets the optimizer's ``found_inf``/``grad_scale``
+    itself after this hook and deletes them, so the engine's would be lost; then the engine reads its gate.
+
+    The skipped-step flag: with the device gate the verdict is not read on the host, so the flag is not
+    raised and the Trainer steps the learning-rate scheduler on a skipped step. Raising it would mean
+    reading the verdict (Accelerate's ``step_was_skipped`` is a host bool): the very sync the gate
+    removes. Skips are rare events; one scheduler step each is the price of no read per step."""
+    if getattr(optimizer, "scaler", None) is not None:
+        return None
+    return unwrap_optimizer(optimizer)
 
 
 class GradGuardCallback(TrainerCallback, ExportableState):
@@ -234,7 +256,7 @@ class GradGuardCallback(TrainerCallback, ExportableState):
         self._restore_max_norm(args)
         if self._engine is None:
             return
-        self._stepped = self._engine.before_step(ceiling_from=optimizer)
+        self._stepped = self._engine.before_step(_fused_gate_optimizer(optimizer), ceiling_from=optimizer)
         if not self._stepped and getattr(optimizer, "scaler", True) is None and hasattr(optimizer, "_is_overflow"):
             # Accelerate's flag for a skipped step (read by accelerator.optimizer_step_was_skipped): the
             # Trainer then leaves the LR scheduler alone. Under fp16 the GradScaler raises it itself.

@@ -12,8 +12,9 @@
     clipping call clips every time.
 (b) Cost against the number of parameter tensors (10..2000) at a fixed total size: the fixed,
     per-tensor and per-element parts of the cost, fitted by least squares.
-(c) Whole training steps (forward, backward, Adam): plain, GradGuard at its defaults, and
-    ``wandb.watch(log="gradients", log_freq=1)`` in offline mode. Target: defaults within 5%.
+(c) Whole training steps (forward, backward, Adam): plain and GradGuard at its defaults on the same
+    model in alternate blocks, and ``wandb.watch(log="gradients", log_freq=1)`` in offline mode.
+    Target: defaults within 5%.
 
     python benchmarks/overhead.py [--quick] [--device cuda] [--threads N] [--cpu-time] [--skip-sweep] [--skip-train]
                                   [--only NAME]
@@ -252,43 +253,56 @@ def sweep(reps, n, total=4_000_000, counts=(10, 30, 100, 300, 1000, 2000)):
     print()
 
 
-def training_costs(model, x_fn, reps, n):
+def training_costs(model, x_fn, reps, n, warmup=10):
+    """Whole steps. The plain step and GradGuard's run on the very same model and optimizer, in
+    alternate blocks: a guard is made for each of its blocks and closed after it (its hooks do not
+    run in the plain blocks), so both see the same memory placement (two identical copies of a model
+    differ by 2-10% per block on this CPU, as much as the target). Each block: ``warmup`` untimed
+    steps (a fresh guard's tracker warms up over its first 10 steps), then ``n`` timed ones (with
+    n=50 the guard's log step at step 50 is among them: 1 in 50, as in a run). ``wandb.watch`` runs
+    on a copy of its own (its cost is far above the noise)."""
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
     x = x_fn()
-    variants, guards = {}, []
-    # A second plain copy measures the noise floor of this table: two identical plain models differ by
-    # several percent per block on a CPU (memory placement of the copies, caches), as large as the target.
-    names = ["plain", "plain, a second copy (noise)", "GradGuard() defaults", "wandb.watch(log='gradients', log_freq=1)"]
+    torch.manual_seed(0)
+    m = copy.deepcopy(model)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+    watched = copy.deepcopy(model)
+    opt_w = torch.optim.Adam(watched.parameters(), lr=1e-4)
+    run = wandb.init(mode="offline", dir=tempfile.mkdtemp(), project="gradguard-bench")
+    run.watch(watched, log="gradients", log_freq=1)
+
+    def block(model_, opt_, guard=None):
+        def step():
+            opt_.zero_grad()
+            loss_of(model_(x)).backward()
+            guard.step(opt_) if guard else opt_.step()
+        for _ in range(warmup):
+            step()
+        return timed_block(step, n, lambda: None)
+
+    def guarded(model_, opt_):
+        guard = GradGuard(model_)
+        try:
+            return block(model_, opt_, guard)
+        finally:
+            guard.close()
+
+    variants = {"plain": lambda: block(m, opt),
+                "GradGuard() defaults (same model, alternate blocks)": lambda: guarded(m, opt),
+                "wandb.watch(log='gradients', log_freq=1) (a copy)": lambda: block(watched, opt_w)}
     if DEVICE.type == "cuda":  # the sync-free gate: a fused optimizer takes the verdict on the device
-        names += ["plain, Adam(fused=True)", "GradGuard() defaults, Adam(fused=True)"]
-    for name in names:
-        torch.manual_seed(0)
-        m = copy.deepcopy(model)
-        opt = torch.optim.Adam(m.parameters(), lr=1e-4, fused="fused" in name)
-        guard = GradGuard(m) if name.startswith("GradGuard") else None
-        guards += [guard] if guard else []
-        if name.startswith("wandb"):
-            run = wandb.init(mode="offline", dir=tempfile.mkdtemp(), project="gradguard-bench")
-            run.watch(m, log="gradients", log_freq=1)
-
-        def step(m=m, opt=opt, guard=guard):
-            opt.zero_grad()
-            loss_of(m(x)).backward()
-            guard.step(opt) if guard else opt.step()
-
-        step()
-        variants[name] = step
+        m_f = copy.deepcopy(model)
+        opt_f = torch.optim.Adam(m_f.parameters(), lr=1e-4, fused=True)
+        variants["plain, Adam(fused=True)"] = lambda: block(m_f, opt_f)
+        variants["GradGuard() defaults, Adam(fused=True)"] = lambda: guarded(m_f, opt_f)
     times = {k: [] for k in variants}
     for _ in range(reps):
         for name, fn in variants.items():
-            times[name].append(timed_block(fn, n, lambda: None))
-    if wandb.run is not None:
-        wandb.finish()
-    for g in guards:
-        g.close()
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[name].append(fn())
+    wandb.finish()
+    return times
 
 
 def main():
@@ -335,11 +349,13 @@ def main():
         sweep(max(3, reps // 2), n // 2)
     if not args.skip_train:
         for name, (model, x_fn) in list(models().items())[:1]:  # the Transformers take seconds a step on 2 cores
-            costs = training_costs(model.to(DEVICE), x_fn, reps, max(10, n // 4))
-            base = costs["plain"]
-            print(f"(c) whole training step (forward, backward, Adam), {name}")
-            for k, v in costs.items():
-                print(f"    {k:46s} {v * 1e3:9.2f} ms {v / base:7.3f}x")
+            times = training_costs(model.to(DEVICE), x_fn, reps, 50 if not args.quick else 25)
+            base = statistics.median(times["plain"])
+            print(f"(c) whole training step (forward, backward, Adam), {name}; median of {reps} blocks")
+            for k, v in times.items():
+                paired = sorted(t / p for t, p in zip(v, times["plain"]))  # block by block, against the plain block before it
+                print(f"    {k:52s} {statistics.median(v) * 1e3:8.2f} ms {statistics.median(v) / base:7.3f}x   "
+                      f"(per block: {paired[0]:.3f}x .. {paired[-1]:.3f}x)")
             print()
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

@@ -246,9 +246,10 @@ def waited_steps(state: Mapping[str, Any], layer_sq: np.ndarray, has_grad: np.nd
     ok = ok_mask.astype(f32)
     clean = np.where(ok_mask, norms, f32(0.0))
     zero = (clean == 0.0).astype(f32) * ok
+    rows = np.stack([clean, ok, has - ok, zero], axis=1)
     acc_sum = s["acc_sum"]
     for i in range(k):  # (added one step after the other, as device_step adds them)
-        acc_sum = acc_sum + np.stack([clean[i], ok[i], has[i] - ok[i], zero[i]])
+        acc_sum = acc_sum + rows[i]
     s["acc_sum"] = acc_sum
     s["acc_max"] = np.maximum(s["acc_max"], clean.max(axis=0))
     s["acc_min"] = np.minimum(s["acc_min"], np.where(ok_mask, clean, f32(INF)).min(axis=0))
@@ -285,9 +286,9 @@ def waited_steps(state: Mapping[str, Any], layer_sq: np.ndarray, has_grad: np.nd
     s["acc_steps"] = s["acc_steps"] + f32(k)
     if "trace" in s:
         flags = (1.0 - finite) * FLAG_NONFINITE + clip * FLAG_CLIPPED + spike * FLAG_SPIKE + explosion * FLAG_EXPLOSION
-        rows = np.stack([norms[:, -1], in_force, scale, flags], axis=1).astype(f32)
+        trace_rows = np.stack([norms[:, -1], in_force, scale, flags], axis=1).astype(f32)
         size = s["trace"].shape[0]
-        s["trace"] = np.concatenate([s["trace"][min(k, size):], rows[max(0, k - size):]])
+        s["trace"] = np.concatenate([s["trace"][min(k, size):], trace_rows[max(0, k - size):]])
     return s
 
 

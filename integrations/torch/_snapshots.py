@@ -23,6 +23,14 @@ def per_layer(built, values: torch.Tensor, reduce: str = "sum", pick: list[int] 
     """Per-parameter values of the parameters with a gradient (or of ``pick``, positions in that
     list), summed or maxed per layer, over every shard."""
     index, positions = built.idx_t, built.present_idx_t
+    if values.device.type == "cpu" and not built.sharding.active:  # numpy: a few small ops, not a few torch ones
+        layer = built.idx_t.numpy() if pick is None else built.idx_t.numpy()[pick]
+        v = values.detach().numpy().astype(np.float64)
+        if reduce == "sum":
+            return np.bincount(layer, weights=v, minlength=built.n_layers)
+        out = np.zeros(built.n_layers)  # (values are >= 0: max-abs)
+        np.maximum.at(out, layer, v)
+        return out
     if pick is not None:
         index, positions = index[pick], positions[pick]
     out = torch.zeros(built.n_layers, device=built.device, dtype=torch.float32)

@@ -263,8 +263,10 @@ def training_costs(model, x_fn, reps, n, warmup=10):
     alternate blocks: a guard is made for each of its blocks and closed after it (its hooks do not
     run in the plain blocks), so both see the same memory placement (two identical copies of a model
     differ by 2-10% per block on this CPU, as much as the target). Each block: ``warmup`` untimed
-    steps (a fresh guard's tracker warms up over its first 10 steps), then ``n`` timed ones (with
-    n=50 the guard's log step at step 50 is among them: 1 in 50, as in a run). ``wandb.watch`` runs
+    steps (a fresh guard's tracker warms up over its first 10 steps), then ``n`` = 50 timed ones:
+    the guard's log step (its step 49) is among them, 1 in 50 as in a run, and the bookkeeping of
+    the warm-up steps, which waited for it, runs inside the timed steps about as much as that of the
+    steps after it runs outside them. ``wandb.watch`` runs
     on a copy of its own (its cost is far above the noise)."""
     import wandb
 
@@ -353,7 +355,7 @@ def main():
         sweep(max(3, reps // 2), n // 2)
     if not args.skip_train:
         for name, (model, x_fn) in list(models().items())[:1]:  # the Transformers take seconds a step on 2 cores
-            times = training_costs(model.to(DEVICE), x_fn, reps, 50 if not args.quick else 25)
+            times = training_costs(model.to(DEVICE), x_fn, reps, 50)
             base = statistics.median(times["plain"])
             print(f"(c) whole training step (forward, backward, Adam), {name}; median of {reps} blocks")
             for k, v in times.items():

@@ -171,6 +171,7 @@ def test_waited_steps_are_device_steps_bit_for_bit(policy, n_layers, trace_size)
     window = stats.WindowStats.from_state(ref, last_step=399)
     assert window.nonfinite_steps == (0 if quiet_only else 8) and window.layer_zero[2] > 0
     assert quiet_only or (window.spikes > 0 and window.explosions > 0)
+    assert not quiet_only or float(ref["clip_enabled"]) == 0.0  # (batched as the CPU path batches: latch open)
 
 
 @pytest.mark.parametrize("bad, error", [("fast", ValueError), (-1.0, ValueError), (0, ValueError),

@@ -790,13 +790,17 @@ def test_the_cpu_bookkeeping_deferred_gives_the_same_verdicts_and_state(clip):
         assert deferred == 400
 
 
+@pytest.mark.parametrize("param_layer", [[0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 6], [0] * 9],
+                         ids=["seven layers", "one layer of nine"])
 @pytest.mark.parametrize("skip_nonfinite", [True, False])
 @pytest.mark.parametrize("clip", [None, 0.5, "auto"])
-def test_the_cpu_bookkeeping_from_norms_read_as_floats_is_the_step_run_at_once(clip, skip_nonfinite):
+def test_the_cpu_bookkeeping_from_norms_read_as_floats_is_the_step_run_at_once(clip, skip_nonfinite, param_layer):
     """``NumpyStep.from_norms``: steps that wait with their per-parameter norms read as floats, made
-    into layer sums later with the others, give the verdicts and the state of the step run at once on layer
-    sums made by ``index_add_``, bit for bit: NaN steps, norms whose squares overflow float32, lone
-    spikes, a sustained excursion, a layer of three parameters, reads and window resets."""
+    into layer sums later with the others, give the verdicts and the state of the step run at once on
+    layer sums made by ``index_add_``, bit for bit: NaN steps, norms whose squares overflow float32,
+    lone spikes, a sustained excursion, layers of several parameters (nine in one: numpy would sum
+    them pairwise), a parameter without a gradient on some steps (two sets of gradients waiting in
+    one batch), log steps (``now``), a finite update ceiling (``auto``), reads and window resets."""
     import numpy as np
 
     from gradguard import stats
@@ -805,38 +809,49 @@ def test_the_cpu_bookkeeping_from_norms_read_as_floats_is_the_step_run_at_once(c
 
     policy = gradguard.options.Options.of("GradGuard", {"clip": clip}).policy
     tracker = stats.TrackerConfig()
-    param_layer = [0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 6]
-    ref = stats.init_state(7, policy, trace_size=256)
-    step, layers = _fused.NumpyStep(ref, policy, tracker), _fused.ParamToLayer(param_layer, 7)
-    has_t, ones, index = torch.ones(7), np.ones(7, np.float32), torch.tensor(param_layer)
+    n_params, n_layers = len(param_layer), max(param_layer) + 1
+    ref = stats.init_state(n_layers, policy, trace_size=256)
+    if clip == "auto":
+        ref["clip_ceiling"] = np.float32(30.0)  # spikes (norms ~100x) go over it, the other steps stay under
+    step = _fused.NumpyStep(ref, policy, tracker)
+    all_present = (_fused.ParamToLayer(param_layer, n_layers), torch.tensor(param_layer))
+    one_missing = (_fused.ParamToLayer(param_layer[:-1], n_layers), torch.tensor(param_layer[:-1]))
     rng = np.random.default_rng(2)
-    waited = 0
+    waited, expected_at_once = 0, set()
     for i in range(400):
-        norms = (rng.random(11) * (1e2 if i % 37 == 36 or 300 <= i < 306 else 1.0)).astype(np.float32)
+        norms = (rng.random(n_params) * (1e2 if i % 37 == 36 or 300 <= i < 306 else 1.0)).astype(np.float32)
         if i % 50 == 49:
             norms[3] = np.nan
         if i % 70 == 69:
             norms[5] = 2e19  # finite, but its square is not in float32
-        sq_ref = torch.zeros(7).index_add_(0, index, torch.from_numpy(norms).square()).numpy()
-        scale, finite, ref = stats.device_step(ref, sq_ref, ones, policy, numpy_ops, tracker)
-        pending = len(step._pending)
+        missing, now = i % 11 == 3, i % 23 == 0
+        layers, index = one_missing if missing else all_present
+        norms = norms[:-1] if missing else norms
+        has_t = torch.zeros(n_layers).index_fill_(0, index, 1.0)
+        sq_ref = torch.zeros(n_layers).index_add_(0, index, torch.from_numpy(norms).square()).numpy()
+        scale, finite, ref = stats.device_step(ref, sq_ref, has_t.numpy(), policy, numpy_ops, tracker)
         got_scale, got_finite, sq = step.from_norms([torch.tensor(v) for v in norms], layers, has_t,
-                                                    need_scale=policy.scales_global, need_finite=skip_nonfinite)
+                                                    need_scale=policy.scales_global, need_finite=skip_nonfinite,
+                                                    now=now)
         waited += sq is None
+        if now or (skip_nonfinite and (i % 50 == 49 or i % 70 == 69)):
+            expected_at_once.add(i)
         assert got_scale == float(scale) and (got_finite is None or got_finite == float(finite)), i
         assert got_finite is not None or not skip_nonfinite
+        assert sq is not None or not now
         assert sq is None or np.array_equal(sq, sq_ref, equal_nan=True), i
-        assert len(step._pending) in (pending + 1, 0) or sq is not None
         if i % 90 == 89 or i % 41 == 40:
             host = step.host()
             assert all(np.array_equal(host[k], np.asarray(ref[k], np.float32), equal_nan=True) for k in ref), i
             if i % 90 == 89:
-                step.write(stats.reset_window(7))
-                ref = {**ref, **stats.reset_window(7)}
+                step.write(stats.reset_window(n_layers))
+                ref = {**ref, **stats.reset_window(n_layers)}
+    host = step.host()
+    assert all(np.array_equal(host[k], np.asarray(ref[k], np.float32), equal_nan=True) for k in ref)
     if clip == 0.5:
         assert waited == 0  # a finite threshold needs the exact norm: read now, the rest waits
     elif clip is None:
-        at_once = {i for i in range(400) if i % 50 == 49 or i % 70 == 69}  # NaN and overflowing steps
-        assert waited == (400 if not skip_nonfinite else 400 - len(at_once))
+        assert waited == 400 - len(expected_at_once)
     else:
-        assert 100 < waited < 150
+        assert 50 < waited < 400 - len(expected_at_once)  # quiet steps until the latch closed
+        assert float(ref["clip_enabled"]) == 1.0 and ref["acc_count"][0] > 0  # clipped at the ceiling

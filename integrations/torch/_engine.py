@@ -62,7 +62,7 @@ class _Built:
         # parameters not watched (frozen when the layout was built): one that is unfrozen rebuilds it
         self.frozen = [p for p in all_params if not p.requires_grad]
         self.idx_t = self.present_idx_t = self.has_t = None
-        self.param_to_layer: _fused.ParamToLayer | None = None  # the CPU path's layer sums, numpy
+        self._param_to_layer: _fused.ParamToLayer | None = None  # the CPU path's layer sums, numpy
         self.plain_grads: bool | None = None  # dense, real, one device, no DTensor: the fast path
         self.extras: _snapshots.Extras | None = None  # what log steps read, fixed with the gradients' set
         self.ceiling_written = False  # the policy's update ceiling, written on the first step after a build
@@ -76,11 +76,18 @@ class _Built:
         self.idx_t = torch.tensor(idx, device=self.device, dtype=torch.long)
         self.present_idx_t = torch.tensor([i for i, ok in enumerate(present) if ok], device=self.device,
                                           dtype=torch.long)
-        self.param_to_layer = _fused.ParamToLayer(idx, self.n_layers)
+        self._param_to_layer = None
         has = torch.zeros(self.n_layers, device=self.device)
         if idx:
             has[torch.tensor(sorted(set(idx)), device=self.device)] = 1.0
         self.has_t = has
+
+    @property
+    def param_to_layer(self) -> _fused.ParamToLayer:
+        """The CPU path's per-layer sums for the present gradients (made on first use)."""
+        if self._param_to_layer is None:
+            self._param_to_layer = _fused.ParamToLayer(self.idx_t.tolist(), self.n_layers)
+        return self._param_to_layer
 
     @property
     def state(self) -> dict[str, torch.Tensor]:

@@ -65,8 +65,11 @@ class ParamToLayer:
         sq = np.zeros((norms.shape[0], self.n_params + 1), np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN stay, as in torch
             np.multiply(norms, norms, out=sq[:, :-1])
-        # (k, m, L) reduced over m, the middle axis: numpy adds its slices in order, not pairwise
-        return sq[:, self._gather].sum(axis=1, dtype=np.float32)
+        gather = self._gather
+        out = sq[:, gather[0]]
+        for row in gather[1:]:  # each layer's next parameter, added in order (a numpy sum may pair them)
+            out += sq[:, row]
+        return out
 
 
 class NumpyStep:

@@ -51,9 +51,10 @@ class ClipPolicy(NamedTuple):
       gradient), or None. Only ``latch`` and ``ceiling`` are ever written from outside the policy.
     * ``verdict_without_state``: when a host may give this step's verdict before the rest of the
       bookkeeping has run (the CPU path runs that later, back to back): ``"always"`` (``update``
-      ignores ``signals`` and returns its state unchanged), ``"quiet"`` (``update`` returns ``inf``
-      whenever the latch is open, the step is neither a spike nor an explosion and the norm is at
-      most the ceiling), or None (never: the verdict needs the whole step; the default).
+      ignores ``signals``, returns its state unchanged and a threshold that does not depend on the
+      norm), ``"quiet"`` (``update`` returns ``inf`` and its state unchanged whenever the latch is
+      open, the step is neither a spike nor an explosion and the norm is at most the ceiling), or
+      None (never: the verdict needs the whole step; the default).
     """
 
     name: str

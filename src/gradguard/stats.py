@@ -233,7 +233,9 @@ def waited_steps(state: Mapping[str, Any], layer_sq: np.ndarray, has_grad: np.nd
     (``ClipPolicy.verdict_without_state``: on each of them the policy leaves its state as it was).
     The new state is the one k calls of ``device_step`` with ``gradguard.ops.fast_numpy_ops`` give,
     bit for bit: the per-layer work runs once on the (k, L) rows, in the same order of float32
-    operations; the tracker, which carries from step to step, runs step by step."""
+    operations; the tracker, which carries from step to step, runs step by step. (Under numpy 2's
+    promotion rules, NEP 50. numpy 1.x computes a float32 scalar met by a Python float in float64,
+    so there the two may differ in the last bits.)"""
     from gradguard.ops import fast_numpy_ops as xp
 
     f32 = np.float32

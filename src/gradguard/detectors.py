@@ -646,18 +646,18 @@ def dead(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | 
         # the layer's silence rate: the share of units active on the previous snapshot silent now
         was_active = streak == 0
         if us["n"] > 0 and was_active.any():
-            rate = np.count_nonzero(silent & was_active) / np.count_nonzero(was_active)  # (= np.mean, ~5x faster)
+            rate = int(np.count_nonzero(silent & was_active)) / int(np.count_nonzero(was_active))  # (= np.mean, ~5x faster)
             n = min(us["n"], 20)  # ~20-snapshot memory
             us["silence"] = rate if us["silence"] is None else (us["silence"] * n + rate) / (n + 1)
         elif us["silence"] is None:
-            us["silence"] = np.count_nonzero(silent) / len(silent)  # first look: an upper bound for live units
+            us["silence"] = int(np.count_nonzero(silent)) / len(silent)  # first look: an upper bound for live units
         us["n"] += 1
         since = np.where(silent & (streak == 0), window.last_step, since)
         streak = np.where(silent, streak + 1, 0)
         us["streak"], us["since"] = streak, since
         need = _required_streak(us["silence"], cfg)
         is_dead = (streak >= need) & (window.last_step - since + 1 >= cfg.dead_min_steps)
-        share = np.count_nonzero(is_dead) / len(is_dead)
+        share = int(np.count_nonzero(is_dead)) / len(is_dead)
         if share >= cfg.dead_fraction:
             fractions[layer.name], how[layer.name] = share, f"{need} zero snapshots in a row"
     if not fractions:

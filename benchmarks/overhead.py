@@ -170,42 +170,40 @@ def per_call_costs(model, x, reps, n, fused=False):
     for _ in range(reps):
         for name, fn in variants.items():
             times[name].append(timed_block(fn, n, restore))
-    # the log steps of the monitor-only guard apart: what a log step costs and its amortised share
+    # The log steps of the monitor-only guard apart, each call paired with a floor call just before it
+    # (both after a restore): a non-log step's and a log step's cost in floors, and the log steps'
+    # amortised share.
     monitor, step_monitor = guards[0], variants["GradGuard(clip=None, skip_nonfinite=False)"]
+    floor = variants["floor: _foreach_norm"]
     split = {True: [], False: []}
-    for _ in range(2 * 50):
-        sync()
-        t = CLOCK()
-        step_monitor()
-        sync()
-        split[monitor.engine._log_step].append(CLOCK() - t)
-        restore()
-    times["log step alone"] = [statistics.median(split[True])]
-    times["non-log step alone"] = [statistics.median(split[False])]
+    for _ in range(4 * 50):
+        f = timed_block(floor, 1, restore)
+        d = timed_block(step_monitor, 1, restore)
+        split[monitor.engine._log_step].append(d / f)
     paths = {g.engine.step_path for g in guards}
     gates = {g.engine.gate for g in guards}
     for g in guards:
         g.close()
+    split_ratios = {"log step": statistics.median(split[True]), "non-log step": statistics.median(split[False]),
+                    "non-log step, mean": statistics.mean(split[False])}
     # Ratios block by block (each variant's block against the floors' blocks of the same round),
     # then their median: slow drifts of the machine (clock, cache placement) cancel within a round.
     floors = {"monitoring": times["floor: _foreach_norm"], "clipping": times["floor: _foreach_norm + _foreach_mul_(float)"]}
     ratios = {(k, f): statistics.median(t / b for t, b in zip(v, base)) for k, v in times.items()
-              if "alone" not in k for f, base in floors.items()}
-    return {k: statistics.median(v) for k, v in times.items()}, ratios, paths, gates
+              for f, base in floors.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, ratios, split_ratios, paths, gates
 
 
-def report_per_call(name, costs, ratios, paths, gates):
-    mon = costs["floor: _foreach_norm"]
+def report_per_call(name, costs, ratios, split, paths, gates):
     print(f"(a) per-step cost on fixed gradients, {name}; bookkeeping: {', '.join(sorted(paths))}; "
           f"gate: {', '.join(sorted(gates))}; ratios: median over the rounds of each round's ratio")
     print(f"    {'variant':48s} {'us/step':>10s} {'/ monitoring floor':>19s} {'/ clipping floor':>17s}")
     for k, v in costs.items():
-        if "alone" not in k:
-            print(f"    {k:48s} {v * 1e6:10.1f} {ratios[k, 'monitoring']:18.2f}x {ratios[k, 'clipping']:16.2f}x")
-    log, plain = costs["log step alone"], costs["non-log step alone"]
-    print(f"    clip=None: a non-log step {plain * 1e6:.1f} us ({plain / mon:.2f}x the floor), a log step "
-          f"{log * 1e6:.1f} us ({log / mon:.1f} floors); log steps' amortised share (1 in 50) "
-          f"{(log - plain) / 50 / mon * 100:.1f}% of the floor")
+        print(f"    {k:48s} {v * 1e6:10.1f} {ratios[k, 'monitoring']:18.2f}x {ratios[k, 'clipping']:16.2f}x")
+    log, plain = split["log step"], split["non-log step"]
+    print(f"    clip=None, each call against a floor call just before it: a non-log step {plain:.2f}x the floor "
+          f"(mean {split['non-log step, mean']:.2f}x), a log step {log:.1f} floors; log steps' amortised share "
+          f"(1 in 50) {(log - plain) / 50 * 100:.1f}% of the floor")
     print()
 
 

@@ -287,15 +287,13 @@ class TorchEngine:
     def _layer_sq(self, b: _Built, grads) -> torch.Tensor:
         if self._plain(b, grads):  # the common case, without a Python pass over the tensors' attributes
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-            sq = b.sharding.share(torch.stack(norms).square(), b.present_idx_t)
-            return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
-        grads = [real_view(local(g)) for g in grads]
-        dense = all(not g.is_sparse for g in grads)
-        if dense and all(g.device == b.device for g in grads):
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        else:  # sparse gradients or several devices: one norm at a time
-            norms = [(g.coalesce()._values() if g.is_sparse else g).norm(dtype=torch.float32).to(b.device)
-                     for g in grads]
+        else:
+            grads = [real_view(local(g)) for g in grads]
+            if all(not g.is_sparse and g.device == b.device for g in grads):
+                norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            else:  # sparse gradients or several devices: one norm at a time
+                norms = [(g.coalesce()._values() if g.is_sparse else g).norm(dtype=torch.float32).to(b.device)
+                         for g in grads]
         sq = b.sharding.share(torch.stack(norms).square(), b.present_idx_t)
         return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
 
@@ -335,10 +333,10 @@ class TorchEngine:
         if loss_scale is None:
             loss_scale = self._loss_scale_of(optimizer)
         may_clip = self.policy.scales_global and self.clipping_allowed
+        if self._log_step and b.pipeline.ceiling is not None:
+            self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
         if b.step_fn.reads_free and loss_scale is None and self._plain(b, grads):
             # A CPU device: the step reads the norms itself (most steps once each, as floats, the rest later).
-            if self._log_step and b.pipeline.ceiling is not None:
-                self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
             scale, finite, sq = b.step_fn.from_norms(norms, b.param_to_layer, b.has_t, need_scale=may_clip,
                                                      need_finite=self.skip_nonfinite, now=self._log_step)
@@ -347,8 +345,6 @@ class TorchEngine:
             layer_sq = self._layer_sq(b, grads)
             if loss_scale is not None:  # still multiplied by a GradScaler's loss scale: measure them unscaled
                 layer_sq = layer_sq / loss_scale.detach().to(layer_sq).square()
-            if self._log_step and b.pipeline.ceiling is not None:
-                self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
             scale, finite = b.step_fn(layer_sq, b.has_t)
         if self._log_step:
             unscale = 1.0 if loss_scale is None else 1.0 / float(loss_scale)  # (a log step reads the host)
@@ -392,6 +388,7 @@ class TorchEngine:
         if not torch.is_tensor(scale) or (self._handed is not None and scale is self._handed[2]):
             return None
         return scale
+
     def _refresh_ceiling(self, b: _Built, optimizer) -> None:
         """Log steps: the optimizer's gain (a scheduled learning rate moves it); the ceiling itself
         follows from the snapshot's weight norms at ``_observe``, and on the first step after a build

@@ -105,7 +105,7 @@ class NumpyStep:
         if (self._defer == "always" and self._latch is not None) or (self._defer == "quiet" and self._latch is None):
             self._defer = None
         self._quiet_jump = 0.5 * math.log(tracker.spike_factor) - 1e-3  # (margin: float32 rounding)
-        # waiting steps, oldest first: (layer_sq, has) or (list of per-parameter norms, ParamToLayer, has)
+        # waiting steps, oldest first: (layer_sq, has) or (per-parameter norms as floats, ParamToLayer, has)
         self._pending: list[tuple] = []
         self._pending_min_x = math.inf
         self._pol_state = None
@@ -169,16 +169,17 @@ class NumpyStep:
             return None
         if self._defer == "always":
             return 1.0, 1.0, values
-        # "quiet", with margins for a float64 sum standing in for device_step's float32 one
-        if float(self._state_now[self._latch]) > 0:
-            return None
-        gnorm = math.sqrt(total)
-        if self._ceiling is not None and not gnorm * (1.0 + 1e-4) <= float(self._state_now[self._ceiling]):
-            return None
-        verdict = self._if_quiet(gnorm)
+        # (a relative margin at the ceiling: a float64 sum stands in for device_step's float32 one)
+        verdict = self._quiet(math.sqrt(total), ceiling_margin=1.0 + 1e-4)
         return None if verdict is None else (*verdict, values)
 
-    def _if_quiet(self, gnorm: float) -> tuple[float, float] | None:
+    def _quiet(self, gnorm: float, ceiling_margin: float = 1.0) -> tuple[float, float] | None:
+        """``auto``'s verdict for a finite step that is quiet (``(1.0, 1.0)``), or None: the latch is
+        open, the norm under the update ceiling and too low for a spike."""
+        if float(self._state_now[self._latch]) > 0:
+            return None
+        if self._ceiling is not None and not gnorm * ceiling_margin <= float(self._state_now[self._ceiling]):
+            return None  # the update ceiling may bind
         x = math.log(max(gnorm, 1e-30))
         # The tracker's level after the pending steps is at least the lowest of its level now and
         # their log norms (an EMA of values each at least min(level, x)): below sqrt(spike_factor)
@@ -208,11 +209,7 @@ class NumpyStep:
         finite = xp.asfloat(xp.isfinite(norm))
         gnorm = xp.where(finite > 0, norm, 0.0)
         if self._defer == "quiet":
-            if not finite or float(self._state_now[self._latch]) > 0:
-                return None
-            if self._ceiling is not None and not float(gnorm) <= float(self._state_now[self._ceiling]):
-                return None  # the update ceiling may bind
-            return self._if_quiet(float(gnorm))
+            return self._quiet(float(gnorm)) if finite else None
         threshold = self._threshold(gnorm)
         clip = finite * xp.asfloat(gnorm > threshold)
         scale = xp.where(clip > 0, threshold / (gnorm + 1e-6), 1.0)

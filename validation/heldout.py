@@ -95,6 +95,11 @@ def torch_loop(model, opt, batch, loss_fn, steps, opts, on_step=None, guard_mode
     return guard, losses, norms
 
 
+def classification_loss(model, batch):
+    """Cross-entropy of ``model`` on a (inputs, labels) batch: the loss of the digits cases."""
+    return _torch().nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
 def torch_result(guard, model, losses, norms, extra=None):
     names = {n for n, _ in model.named_modules()} | {"(root)"}
     return {"findings": [f.to_dict() for f in guard.findings], "model_names": sorted(names),
@@ -215,7 +220,7 @@ def _(opts, steps=400):
             backbone.requires_grad_(True)
             o.add_param_group({"params": backbone.parameters(), "lr": 1e-4})
     g, l, n = torch_loop(m, opt, digits_torch(32, image=True),
-                         lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]), steps, opts, on_step=on_step)
+                         classification_loss, steps, opts, on_step=on_step)
     return torch_result(g, m, l, n)
 
 
@@ -242,12 +247,12 @@ def _(opts, steps=200):
         s = torch.randint(0, 20, (32, 16), generator=g0)
         return s, ((s < 5).sum(1) // 3).clamp(max=3)
     opt = torch.optim.AdamW(m.parameters(), 3e-4)
-    g, l, n = torch_loop(m, opt, batch, lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]), steps, opts)
+    g, l, n = torch_loop(m, opt, batch, classification_loss, steps, opts)
     return torch_result(g, m, l, n)
 
 
 def _dcgan():
-    torch = _torch()
+    _torch()  # (one thread)
     from torch import nn
 
     class G(nn.Module):
@@ -337,7 +342,7 @@ def _(opts, steps=400):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.SGD(m.parameters(), 0.01)
-    g, l, n = torch_loop(m, opt, digits_torch(1), lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]),
+    g, l, n = torch_loop(m, opt, digits_torch(1), classification_loss,
                          steps, opts)
     return torch_result(g, m, l, n)
 
@@ -353,7 +358,7 @@ def _(opts, steps=300):
                       nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(m.parameters(), 1e-3)
     g, l, n = torch_loop(m, opt, digits_torch(2, image=True),
-                         lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]), steps, opts)
+                         classification_loss, steps, opts)
     return torch_result(g, m, l, n)
 
 
@@ -373,7 +378,7 @@ def _(opts, steps=300):
             return self.head(self.lstm(x.view(-1, 8, 8))[0][:, -1])
     m = R()
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, digits_torch(1), lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]),
+    g, l, n = torch_loop(m, opt, digits_torch(1), classification_loss,
                          steps, opts)
     return torch_result(g, m, l, n)
 
@@ -400,7 +405,7 @@ def _(opts, steps=200):
         s = torch.randint(0, 200, (32, 10), generator=g0)
         return s, (s < 20).any(1).long()
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, batch, lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]), steps, opts)
+    g, l, n = torch_loop(m, opt, batch, classification_loss, steps, opts)
     return torch_result(g, m, l, n)
 
 
@@ -437,7 +442,7 @@ def _(opts, steps=150):
     m = _deep_resnet(40)
     opt = torch.optim.SGD(m.parameters(), 0.05, momentum=0.9, weight_decay=5e-4)
     g, l, n = torch_loop(m, opt, digits_torch(32, image=True),
-                         lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]), steps, opts)
+                         classification_loss, steps, opts)
     return torch_result(g, m, l, n)
 
 
@@ -465,7 +470,7 @@ def _(opts, steps=300):
             return self.out(h)
     m = Net()
     opt = torch.optim.Adam(m.parameters(), 3e-4)
-    g, l, n = torch_loop(m, opt, digits_torch(64), lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]),
+    g, l, n = torch_loop(m, opt, digits_torch(64), classification_loss,
                          steps, opts)
     return torch_result(g, m, l, n)
 
@@ -485,7 +490,7 @@ def _(opts, steps=300):
     m = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 64, 10))
     opt = torch.optim.SGD(m.parameters(), 0.01, momentum=0.9)
     g, l, n = torch_loop(m, opt, digits_torch(32, image=True),
-                         lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]), steps, opts)
+                         classification_loss, steps, opts)
     return torch_result(g, m, l, n)
 
 
@@ -552,7 +557,7 @@ def _(opts, steps=600):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
     opt = torch.optim.SGD(m.parameters(), 0.02, momentum=0.9)
-    g, l, n = torch_loop(m, opt, digits_torch(64), lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]),
+    g, l, n = torch_loop(m, opt, digits_torch(64), classification_loss,
                          steps, opts, on_step=_ramp(300, 1.03))
     return torch_result(g, m, l, n)
 
@@ -625,7 +630,7 @@ def _(opts, steps=300):
     torch.manual_seed(0)
     m = _handwritten_moe()
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, digits_torch(16), lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]),
+    g, l, n = torch_loop(m, opt, digits_torch(16), classification_loss,
                          steps, opts)
     return torch_result(g, m, l, n)
 
@@ -638,7 +643,7 @@ def _(opts, steps=200):
     torch.manual_seed(0)
     m = _handwritten_moe(n=4, dead_bias=-10.0)
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, digits_torch(64), lambda mm, b: torch.nn.functional.cross_entropy(mm(b[0]), b[1]),
+    g, l, n = torch_loop(m, opt, digits_torch(64), classification_loss,
                          steps, opts)
     return torch_result(g, m, l, n)
 
@@ -838,7 +843,6 @@ def _keras():
 
 
 def keras_fit(model, x, y, steps, bs, opts, optimizer, loss="sparse_categorical_crossentropy"):
-    keras = _keras()
     from gradguard.keras import GradGuardCallback
     model.compile(optimizer=optimizer, loss=loss)
     cb = GradGuardCallback(**opts)

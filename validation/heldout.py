@@ -100,6 +100,12 @@ def classification_loss(model, batch):
     return _torch().nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
+def torch_run(model, opt, batch, loss_fn, steps, opts, **loop_kwargs):
+    """A case's whole run: ``torch_loop``, then ``torch_result``."""
+    guard, losses, norms = torch_loop(model, opt, batch, loss_fn, steps, opts, **loop_kwargs)
+    return torch_result(guard, model, losses, norms)
+
+
 def torch_result(guard, model, losses, norms, extra=None):
     names = {n for n, _ in model.named_modules()} | {"(root)"}
     return {"findings": [f.to_dict() for f in guard.findings], "model_names": sorted(names),
@@ -157,8 +163,7 @@ def _(opts, steps=200):
                            num_experts_per_tok=2, max_position_embeddings=64, router_aux_loss_coef=0.0)
     m = tf.MixtralForCausalLM(cfg)
     opt = torch.optim.AdamW(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, copy_batches(bs=2), hf_lm_loss, steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, copy_batches(bs=2), hf_lm_loss, steps, opts)
 
 
 @hcase("qwen2moe_grad_checkpointing", "torch",
@@ -174,8 +179,7 @@ def _(opts, steps=200):
     m.gradient_checkpointing_enable()
     m.train()
     opt = torch.optim.AdamW(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, copy_batches(bs=4), hf_lm_loss, steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, copy_batches(bs=4), hf_lm_loss, steps, opts)
 
 
 @hcase("bert_frozen_backbone_new_head", "torch", note="BERT body frozen, classifier head trained")
@@ -195,8 +199,7 @@ def _(opts, steps=200):
         s = torch.randint(5, 64, (16, 12), generator=g0)
         return s, (s == 7).any(1).long()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 1e-3)
-    g, l, n = torch_loop(m, opt, batch, lambda mm, b: mm(input_ids=b[0], labels=b[1]).loss, steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, batch, lambda mm, b: mm(input_ids=b[0], labels=b[1]).loss, steps, opts)
 
 
 @hcase("convnet_freeze_then_unfreeze", "torch", acceptable={"dead"},
@@ -219,9 +222,7 @@ def _(opts, steps=400):
         if step == 200:
             backbone.requires_grad_(True)
             o.add_param_group({"params": backbone.parameters(), "lr": 1e-4})
-    g, l, n = torch_loop(m, opt, digits_torch(32, image=True),
-                         classification_loss, steps, opts, on_step=on_step)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(32, image=True), classification_loss, steps, opts, on_step=on_step)
 
 
 @hcase("nn_transformer_encoder_cls", "torch", note="torch.nn.TransformerEncoder, 4 post-norm layers")
@@ -247,8 +248,7 @@ def _(opts, steps=200):
         s = torch.randint(0, 20, (32, 16), generator=g0)
         return s, ((s < 5).sum(1) // 3).clamp(max=3)
     opt = torch.optim.AdamW(m.parameters(), 3e-4)
-    g, l, n = torch_loop(m, opt, batch, classification_loss, steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, batch, classification_loss, steps, opts)
 
 
 def _dcgan():
@@ -342,9 +342,7 @@ def _(opts, steps=400):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.SGD(m.parameters(), 0.01)
-    g, l, n = torch_loop(m, opt, digits_torch(1), classification_loss,
-                         steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(1), classification_loss, steps, opts)
 
 
 @hcase("convnet_batch2_adam_noisy", "torch", acceptable={"dead"},
@@ -357,9 +355,7 @@ def _(opts, steps=300):
     m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                       nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, digits_torch(2, image=True),
-                         classification_loss, steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(2, image=True), classification_loss, steps, opts)
 
 
 @hcase("lstm_batch1_adam_noisy", "torch", note="LSTM over digit rows, batch 1")
@@ -378,9 +374,7 @@ def _(opts, steps=300):
             return self.head(self.lstm(x.view(-1, 8, 8))[0][:, -1])
     m = R()
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, digits_torch(1), classification_loss,
-                         steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(1), classification_loss, steps, opts)
 
 
 @hcase("embedding_bag_unused_rows", "torch", note="Embedding(20000, 32): batches use 200 of the rows")
@@ -405,8 +399,7 @@ def _(opts, steps=200):
         s = torch.randint(0, 200, (32, 10), generator=g0)
         return s, (s < 20).any(1).long()
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, batch, classification_loss, steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, batch, classification_loss, steps, opts)
 
 
 def _deep_resnet(blocks, ch=16):
@@ -441,9 +434,7 @@ def _(opts, steps=150):
     torch.manual_seed(0)
     m = _deep_resnet(40)
     opt = torch.optim.SGD(m.parameters(), 0.05, momentum=0.9, weight_decay=5e-4)
-    g, l, n = torch_loop(m, opt, digits_torch(32, image=True),
-                         classification_loss, steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(32, image=True), classification_loss, steps, opts)
 
 
 @hcase("resmlp_48_blocks_no_norm_adam", "torch",
@@ -470,9 +461,7 @@ def _(opts, steps=300):
             return self.out(h)
     m = Net()
     opt = torch.optim.Adam(m.parameters(), 3e-4)
-    g, l, n = torch_loop(m, opt, digits_torch(64), classification_loss,
-                         steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(64), classification_loss, steps, opts)
 
 
 @hcase("plain_conv_16_layers_he_sgd", "torch", note="16 3x3 convs, ReLU, He init, no normalization or skips, SGD 0.01")
@@ -489,9 +478,7 @@ def _(opts, steps=300):
         ch = 16
     m = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 64, 10))
     opt = torch.optim.SGD(m.parameters(), 0.01, momentum=0.9)
-    g, l, n = torch_loop(m, opt, digits_torch(32, image=True),
-                         classification_loss, steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(32, image=True), classification_loss, steps, opts)
 
 
 @hcase("postnorm_transformer_12_layers_warmup", "torch",
@@ -523,8 +510,7 @@ def _(opts, steps=200):
     def loss(mm, b):
         out = torch.nn.functional.cross_entropy(mm(b[0]).reshape(-1, 20), b[1].reshape(-1))
         return out
-    g, l, n = torch_loop(m, opt, batch, loss, steps, opts, on_step=lambda s, o: sched.step() if s else None)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, batch, loss, steps, opts, on_step=lambda s, o: sched.step() if s else None)
 
 
 @hcase("gpt2_8_layers_checkpointing_tied", "torch", note="HF GPT-2, 8 layers, tied embeddings, gradient checkpointing")
@@ -536,8 +522,7 @@ def _(opts, steps=200):
     m.gradient_checkpointing_enable()
     m.train()
     opt = torch.optim.AdamW(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, copy_batches(bs=8), hf_lm_loss, steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, copy_batches(bs=8), hf_lm_loss, steps, opts)
 
 
 def _ramp(start, rate):
@@ -557,9 +542,7 @@ def _(opts, steps=600):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
     opt = torch.optim.SGD(m.parameters(), 0.02, momentum=0.9)
-    g, l, n = torch_loop(m, opt, digits_torch(64), classification_loss,
-                         steps, opts, on_step=_ramp(300, 1.03))
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(64), classification_loss, steps, opts, on_step=_ramp(300, 1.03))
 
 
 @hcase("transformer_adamw_lr_ramp_after_300", "torch", expected={"exploding"}, acceptable={"nonfinite", "dead", "vanishing"},
@@ -587,8 +570,7 @@ def _(opts, steps=700):
         logits = mm(s)[:, :-1]
         return torch.nn.functional.cross_entropy(logits.reshape(-1, 32), labels[:, 1:].reshape(-1), ignore_index=-100)
     opt = torch.optim.AdamW(m.parameters(), 3e-4)
-    g, l, n = torch_loop(m, opt, copy_batches(bs=16), loss, steps, opts, on_step=_ramp(300, 1.02))
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, copy_batches(bs=16), loss, steps, opts, on_step=_ramp(300, 1.02))
 
 
 def _handwritten_moe(n=8, w=64, dead_bias=None):
@@ -630,9 +612,7 @@ def _(opts, steps=300):
     torch.manual_seed(0)
     m = _handwritten_moe()
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, digits_torch(16), classification_loss,
-                         steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(16), classification_loss, steps, opts)
 
 
 @hcase("moe_dead_experts_negative_bias", "torch", expected={"dead"}, acceptable={"vanishing"},
@@ -643,9 +623,7 @@ def _(opts, steps=200):
     torch.manual_seed(0)
     m = _handwritten_moe(n=4, dead_bias=-10.0)
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    g, l, n = torch_loop(m, opt, digits_torch(64), classification_loss,
-                         steps, opts)
-    return torch_result(g, m, l, n)
+    return torch_run(m, opt, digits_torch(64), classification_loss, steps, opts)
 
 
 # ===================================================================================== Lightning

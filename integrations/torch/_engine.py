@@ -346,9 +346,10 @@ class TorchEngine:
             if loss_scale is not None:  # still multiplied by a GradScaler's loss scale: measure them unscaled
                 layer_sq = layer_sq / loss_scale.detach().to(layer_sq).square()
             scale, finite = b.step_fn(layer_sq, b.has_t)
+        weights = None  # a log step's sample of the weights before the update
         if self._log_step:
             unscale = 1.0 if loss_scale is None else 1.0 / float(loss_scale)  # (a log step reads the host)
-            self._sums = _snapshots.measure(b, grads, layer_sq, self.histograms, unscale)
+            self._sums, weights = _snapshots.measure(b, grads, layer_sq, self.histograms, unscale)
         if self.policy.unitwise is not None and self.clipping_allowed:
             self._clip_unitwise(b, grads, loss_scale)
         if b.step_fn.reads_free:
@@ -378,7 +379,7 @@ class TorchEngine:
         elif may_clip:  # no host read allowed: scale unconditionally (by 1 while not clipping)
             torch._foreach_mul_(grads, scale.to(torch.float32))
         if self._sums is not None and self.measure_updates:
-            self._update = _snapshots.UpdateSample(b)
+            self._update = _snapshots.UpdateSample(b, weights)
         return True
 
     def _loss_scale_of(self, optimizer) -> torch.Tensor | None:

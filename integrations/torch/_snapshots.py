@@ -129,13 +129,14 @@ def _dead_units_numpy(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None)
     """``DEAD_UNIT_RULE`` read in numpy (a CPU tensor: no copy); None where numpy cannot view it."""
     if weight_grad.dtype not in _NUMPY_DTYPES or (bias_grad is not None and bias_grad.dtype not in _NUMPY_DTYPES):
         return None
-    rows = weight_grad.detach().flatten(1).numpy()
     if bias_grad is None:
-        return ~rows.any(axis=1)
-    suspect = np.flatnonzero(bias_grad.detach().numpy() == 0)
-    dead = np.zeros(rows.shape[0], dtype=bool)
-    if suspect.size:
-        dead[suspect] = ~rows[suspect].any(axis=1)
+        return ~weight_grad.detach().flatten(1).numpy().any(axis=1)
+    bias = bias_grad.detach().numpy()
+    dead = np.zeros(weight_grad.shape[0], dtype=bool)
+    if bias.all():  # every unit's bias gradient is non-zero: all alive, no row to read (the common case)
+        return dead
+    suspect = np.flatnonzero(bias == 0)
+    dead[suspect] = ~weight_grad.detach().flatten(1).numpy()[suspect].any(axis=1)
     return dead
 
 
@@ -202,16 +203,19 @@ class Extras:
         self.same_dtype = all(f.dtype == torch.float32 for f in flats)
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def sample(self, into: str | None = None) -> torch.Tensor:
-        """The update sample now: one float32 vector, large parameters' chunks first. ``into``
-        names a buffer kept here and reused (a fresh multi-megabyte allocation each log step costs
-        its page faults on a CPU)."""
+    def buffer(self, name: str, size: int) -> torch.Tensor:
+        """A float32 vector kept here and reused (a fresh multi-megabyte allocation each log step
+        costs its page faults on a CPU)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() != size:
+            buf = self._buffers[name] = torch.empty(size, device=self.small_owner.device)
+        return buf
+
+    def sample(self, into: str) -> torch.Tensor:
+        """The update sample now, into the buffer ``into``: one float32 vector, large parameters'
+        chunks first."""
         dev = self.small_owner.device
-        buf = self._buffers.get(into) if into else None
-        if buf is None:
-            buf = torch.empty(self.large_size + self.small_owner.numel(), device=dev)
-            if into:
-                self._buffers[into] = buf
+        buf = self.buffer(into, self.large_size + self.small_owner.numel())
         large = [v.to(dev) for v in self.large_views] if not self.one_device else self.large_views
         small = [v.to(dev) for v in self.small_views] if not self.one_device else self.small_views
         if self.same_dtype:  # straight into the buffer
@@ -246,7 +250,7 @@ class Extras:
 def _storage_key(params) -> tuple:
     """Changes when a parameter's storage is replaced (``p.data = ...``, ``model.to(...)``)."""
     try:
-        return tuple(p.data_ptr() for p in params)
+        return tuple([p.data_ptr() for p in params])
     except Exception:  # a tensor subclass without storage
         return ()
 
@@ -260,21 +264,25 @@ def extras(built) -> Extras:
 
 
 def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms: bool,
-            unscale: float = 1.0) -> pipeline.LayerSums:
-    """``layer_sq`` is already unscaled; ``unscale`` undoes a loss scale still on ``grads``."""
+            unscale: float = 1.0) -> tuple[pipeline.LayerSums, torch.Tensor | None]:
+    """``layer_sq`` is already unscaled; ``unscale`` undoes a loss scale still on ``grads``. Returns
+    the sums and the weight sample taken for them (the "before" of ``UpdateSample``), or None."""
     has = built.has_t.cpu().numpy() > 0
     norm_sq = layer_sq.cpu().numpy().astype(np.float64)
     with torch.no_grad():
         dense = [local(g) for g in grads if not g.is_sparse] if not built.plain_grads else grads
         if len(dense) != len(grads):  # sparse gradients: norms only
-            return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq)
+            return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq), None
         ex = extras(built)
         # max-abs and zero counts only feed the logged keys: take them for the logged layers only
         sub = [dense[j].abs() if dense[j].is_complex() else dense[j] for j in ex.pick]
         max_abs = per_layer(built, _max_abs(sub), "amax", ex.pick) * unscale
         zeros = per_layer(built, _zero_count(sub, built.device), "sum", ex.pick)
-        # weight norms from the update sample: exact below 2 * UPDATE_SAMPLE elements, estimated above
-        weight_sq = ex.layer_sums(built, ex.per_param_sq(ex.sample(into="weights").square_()) * ex.factor)
+        # weight norms from the update sample (exact below 2 * UPDATE_SAMPLE elements, estimated
+        # above); the same sample is the "before" of the update measured after the optimizer step
+        before = ex.sample(into="before")
+        squares = torch.mul(before, before, out=ex.buffer("squares", before.numel()))
+        weight_sq = ex.layer_sums(built, ex.per_param_sq(squares) * ex.factor)
         dead = _dead(built)
         hist = None
         if histograms:
@@ -287,7 +295,7 @@ def measure(built, grads: list[torch.Tensor], layer_sq: torch.Tensor, histograms
         nan = np.full(built.n_layers, np.nan)
         return pipeline.LayerSums(has_grad=has, norm_sq=norm_sq, max_abs=np.where(ex.measured, max_abs, nan),
                                   zeros=np.where(ex.measured, zeros, nan), weight_sq=weight_sq, dead=dead,
-                                  histograms=hist)
+                                  histograms=hist), before
 
 
 class UpdateSample:
@@ -295,13 +303,14 @@ class UpdateSample:
     evenly spread chunks of ``pipeline.UPDATE_SAMPLE`` elements, the whole of smaller ones), so
     the update it applies can be measured without a full copy of the weights; scaled up by the
     core's ``update_sq_from_sample``. Batched: one concatenated sample, one subtract/square and
-    one segment sum for all parameters."""
+    one segment sum for all parameters. ``before``: that sample, when ``measure`` took it this step
+    (for the weight norms), taken here otherwise."""
 
-    def __init__(self, built):
+    def __init__(self, built, before: torch.Tensor | None = None):
         self._built = built
         with torch.no_grad():
             self._extras = extras(built)
-            self._before = self._extras.sample(into="before")
+            self._before = self._extras.sample(into="before") if before is None else before
 
     def applied_sq(self) -> np.ndarray:
         """Per layer, the squared norm of the update the optimizer applied since the sample."""

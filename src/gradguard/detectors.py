@@ -622,14 +622,19 @@ def dead(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | 
     how: dict[str, str] = {}
     has = window.layer_steps > 0
     zero = has & (window.layer_zero == window.layer_steps)
+    learning = has & ~zero
+    # per layer: some layer before it learns / some layer after it learns (one pass, not two per layer)
+    learns_before, learns_after = np.zeros_like(learning), np.zeros_like(learning)
+    learns_before[1:] = np.logical_or.accumulate(learning)[:-1]
+    learns_after[:-1] = np.logical_or.accumulate(learning[::-1])[::-1][1:]
+    cuts = zero & ~learns_before & learns_after
     for i, layer in enumerate(layers):
         if not has[i] and window.layer_nonfinite[i] == 0:
             continue  # no gradient at all (frozen or unused): neither dead nor alive
         if not layer.units:
             continue  # embeddings, normalization, biases only: no units whose death would mean anything
         # whole layer: zero on every step, the flow cut below it, something above it still learning
-        cut = bool(zero[i]) and not np.any(has[:i] & ~zero[:i]) and bool(np.any(has[i + 1:] & ~zero[i + 1:]))
-        whole[layer.name] = whole.get(layer.name, 0) + window.steps if cut else 0
+        whole[layer.name] = whole.get(layer.name, 0) + window.steps if cuts[i] else 0
         if whole[layer.name] >= cfg.min_steps:
             fractions[layer.name], how[layer.name] = 1.0, "whole layer"
             continue
@@ -643,6 +648,13 @@ def dead(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | 
             us = units_state[layer.name] = {"streak": np.zeros(len(silent), np.int64),
                                             "since": np.zeros(len(silent), np.int64), "silence": None, "n": 0}
         streak, since = np.asarray(us["streak"], np.int64), np.asarray(us["since"], np.int64)
+        if us["n"] > 0 and not silent.any() and not streak.any():
+            # every unit active now and on the last snapshot (the common case): the silence rate
+            # decays (rate 0, as below), streaks stay 0, nothing is dead
+            n = min(us["n"], 20)
+            us["silence"] = 0.0 if us["silence"] is None else us["silence"] * n / (n + 1)
+            us["n"] += 1
+            continue
         # the layer's silence rate: the share of units active on the previous snapshot silent now
         was_active = streak == 0
         if us["n"] > 0 and was_active.any():

@@ -65,8 +65,13 @@ def _minimum(a, b):
     return np.minimum(a, b)
 
 
+_ONE, _ZERO = np.float32(1.0), np.float32(0.0)
+
+
 def _asfloat(x):
-    return np.float32(x) if type(x) is np.bool_ else np.asarray(x, dtype=np.float32)
+    if type(x) is np.bool_:
+        return _ONE if x else _ZERO  # (np.float32(x) costs ~10x a branch; the scalars are immutable)
+    return np.asarray(x, dtype=np.float32)
 
 
 # The core's numpy namespace with the slow generic helpers swapped for direct calls (``np.stack``

@@ -22,6 +22,9 @@ Configurations:
   gradguard        GradGuardCallback() at its defaults (clip="auto", log every 50 steps,
                    skip non-finite steps)
   monitor_only     GradGuardCallback(clip=None, skip_nonfinite=False)
+  with --parts, also (what the gate and the clipping each add):
+  no_skip          GradGuardCallback(skip_nonfinite=False)
+  no_clip          GradGuardCallback(clip=None)
 
 Target: gradguard within 3% of plain at the default logging interval.
 """
@@ -37,6 +40,11 @@ import sys
 import time
 
 CONFIGS = ("plain", "keras_clipnorm", "noop_batch_cb", "gradguard", "monitor_only")
+PARTS = ("no_skip", "no_clip")
+
+
+def configs(args) -> tuple[str, ...]:
+    return CONFIGS + PARTS if args.parts else CONFIGS
 
 
 def limit_threads(backend: str, threads: int) -> None:
@@ -115,16 +123,21 @@ def run_backend(args) -> dict:
             return [GradGuardCallback()]
         if config == "monitor_only":
             return [GradGuardCallback(clip=None, skip_nonfinite=False)]
+        if config == "no_skip":
+            return [GradGuardCallback(skip_nonfinite=False)]
+        if config == "no_clip":
+            return [GradGuardCallback(clip=None)]
         return []
 
-    models = {c: build(1e6 if c == "keras_clipnorm" else None) for c in CONFIGS}
-    steady = {c: [] for c in CONFIGS}  # (wall, cpu) seconds per step
-    first = {c: [] for c in CONFIGS}
+    names = configs(args)
+    models = {c: build(1e6 if c == "keras_clipnorm" else None) for c in names}
+    steady = {c: [] for c in names}  # (wall, cpu) seconds per step
+    first = {c: [] for c in names}
     # Warm-up: the first fit of each model compiles its step.
-    for c in CONFIGS:
+    for c in names:
         models[c].fit(x, y, batch_size=args.batch, epochs=1, verbose=0, shuffle=False, callbacks=callbacks(c))
     for _ in range(args.reps):
-        for c in CONFIGS:
+        for c in names:
             timer = EpochTimer()
             models[c].fit(x, y, batch_size=args.batch, epochs=args.epochs, verbose=0, shuffle=False,
                           callbacks=callbacks(c) + [timer])
@@ -165,6 +178,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="framework threads (0: its default)")
     parser.add_argument("--json", default="", help="also write the raw results here")
     parser.add_argument("--quick", action="store_true", help="2 repetitions of 3 epochs of 20 steps")
+    parser.add_argument("--parts", action="store_true", help="also GradGuardCallback without the non-finite gate "
+                        "and without clipping (what each adds)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -193,7 +208,8 @@ def main():
             else "CNN conv32-conv64-conv64 (3x3, max-pool) on 32x32x3, dense 128, 10")
     print(f"{what}, batch {args.batch}, Adam; "
           f"{args.reps} interleaved repetitions x {args.epochs - 1} steady epochs x {args.steps} steps\n")
-    header = f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>15}" for c in CONFIGS)
+    names = configs(args)
+    header = f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>15}" for c in names)
     for key, title in [("wall_min_ms", "steady state, wall clock, fastest epoch: ms per step (ratio to plain)"),
                        ("wall_median_ms", "steady state, wall clock, median epoch: ms per step (ratio to plain)"),
                        ("cpu_min_ms", "steady state, process CPU time, fastest epoch: ms per step (ratio to plain)"),
@@ -203,13 +219,13 @@ def main():
         print(header)
         for r in results:
             base = r[key]["plain"]
-            cells = [f"{r[key][c]:7.2f} ({r[key][c] / base:5.3f})" for c in CONFIGS]
+            cells = [f"{r[key][c]:7.2f} ({r[key][c] / base:5.3f})" for c in names]
             print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{c:>15}" for c in cells))
         print()
     print("steady state, wall clock: median of paired per-epoch ratios to plain (same repetition, same epoch)")
-    print(f"{'backend':<11} {'params':>8} " + " ".join(f"{c:>15}" for c in CONFIGS))
+    print(header)
     for r in results:
-        print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{r['paired_ratio'][c]:>15.3f}" for c in CONFIGS))
+        print(f"{r['backend']:<11} {r['params']:>8} " + " ".join(f"{r['paired_ratio'][c]:>15.3f}" for c in names))
     print()
     print("target (issue 9): GradGuardCallback() at most 3% over plain fit (paired wall-clock ratio)")
     for r in results:

@@ -30,6 +30,7 @@ def work(rank, port, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from gradguard.sinks import Sink
     from gradguard.torch import GradGuard
 
     mesh = init_device_mesh("cpu", (2,))
@@ -39,7 +40,13 @@ def work(rank, port, out):
             fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    guard = GradGuard(model, clip=0.5, log_every_n_steps=2)
+    updates = []  # the logged update-to-weight ratios (the logging rank's sink)
+
+    class Updates(Sink):
+        def log(self, record):
+            updates.extend(v for k, v in record.scalars.items() if k.startswith("grad/update_to_weight/"))
+
+    guard = GradGuard(model, clip=0.5, log_every_n_steps=2, sinks=[Updates()])
     norms, stepped = [], []
     for step in range(10):
         x = xs[step, rank].clone()
@@ -57,7 +64,8 @@ def work(rank, port, out):
     finite = bool(torch.isfinite(local).all())
     result = {"rank": rank, "stepped": stepped, "norms": norms, "finite": finite,
               "findings": [f.kind for f in guard.findings], "skipped": guard.skipped_steps,
-              "layers": [l.name for l in guard.layers], "numel": [l.numel for l in guard.layers]}
+              "layers": [l.name for l in guard.layers], "numel": [l.numel for l in guard.layers],
+              "update_to_weight": updates}
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

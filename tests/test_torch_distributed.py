@@ -32,3 +32,10 @@ def test_fsdp2_sharded_gradients_give_whole_model_statistics(tmp_path):
         assert r["finite"] and r["skipped"] == 1 and "nonfinite" in r["findings"]
         assert r["layers"] == ["0", "2", "4"] and r["numel"] == [16 * 32 + 32, 32 * 32 + 32, 32 * 4 + 4]
     assert ranks[0]["norms"] == ranks[1]["norms"]
+    # the update the optimizer applied is measured from the local shards (it came back NaN on every log
+    # step before: the sharded layout's sample views are rebuilt on each use)
+    logged = [r["update_to_weight"] for r in ranks if r["update_to_weight"]]
+    assert logged, "no rank logged"
+    for values in logged:
+        finite = [v for v in values if v == v]
+        assert len(finite) >= len(values) - 3 and all(0 < v < 1 for v in finite), values

@@ -236,6 +236,14 @@ class Extras:
                 buf[self.large_size:].copy_(torch.cat([v.float() for v in small]))
         return buf
 
+    def lines_up_with(self, other: "Extras") -> bool:
+        """Whether a sample taken by ``other`` matches this one's element for element: the same
+        object, or (views taken afresh each time: sharded parameters) the same parameters, storage
+        and sample layout."""
+        return other is self or (other.key == self.key and other.large == self.large and other.small == self.small
+                                 and other.large_size == self.large_size
+                                 and other.small_owner.numel() == self.small_owner.numel())
+
     def per_param_sq(self, diff_sq: torch.Tensor) -> torch.Tensor:
         """Segment sums of a sample-shaped vector, in ``large + small`` order."""
         out = []
@@ -330,7 +338,7 @@ class UpdateSample:
         b = self._built
         with torch.no_grad():
             ex = extras(b)
-            if ex is not self._extras:  # the storage moved during the step: nothing comparable
+            if not ex.lines_up_with(self._extras):  # the storage moved during the step: nothing comparable
                 return np.full(b.n_layers, np.nan)
             diff_sq = ex.sample(into="after").sub_(self._before).square_()
             return ex.layer_sums(b, ex.per_param_sq(diff_sq) * ex.factor)

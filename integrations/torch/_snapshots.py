@@ -191,13 +191,17 @@ class Extras:
         self.stable = plain  # views of DTensor shards are taken afresh each time
         dev = built.device
         sizes = [f.numel() for f in self.small_views]
-        self.small_owner = torch.repeat_interleave(torch.arange(len(sizes), device=dev),
-                                                   torch.tensor(sizes, device=dev, dtype=torch.long))
-        # On a CPU the small parameters' segment sums run by ``segment_reduce``: the same sums as
-        # ``index_add_``, bit for bit, which costs ~3 ns an element there (14 ms against 5 ms for
-        # 2000 tensors of 2025 elements). (numpy's reduceat, ~1 ms, sums in another order: the last
-        # bits move, and the chaotic bad-init run of the demo with them.)
-        self.small_lengths = torch.tensor(sizes, dtype=torch.long)
+        self.device, self.small_size = dev, sum(sizes)
+        # The small parameters' segment sums: on a CPU by ``segment_reduce``, the same sums as
+        # ``index_add_`` bit for bit, which costs ~3 ns an element there (14 ms against 5 ms for 2000
+        # tensors of 2025 elements; numpy's reduceat, ~1 ms, sums in another order: the last bits
+        # move, and the chaotic bad-init run of the demo with them); elsewhere by ``index_add_`` over
+        # an owner index (one entry per element, so it is made only there).
+        if dev.type == "cpu":
+            self.small_lengths = torch.tensor(sizes, dtype=torch.long)
+        else:
+            self.small_owner = torch.repeat_interleave(torch.arange(len(sizes), device=dev),
+                                                       torch.tensor(sizes, device=dev, dtype=torch.long))
         n_sampled = [count if f.numel() >= 2 * count else f.numel() for f in flats]
         factor = [pipeline.update_sq_from_sample(1.0, f.numel(), c) for f, c in zip(flats, n_sampled)]
         order = self.large + self.small
@@ -213,14 +217,14 @@ class Extras:
         costs its page faults on a CPU)."""
         buf = self._buffers.get(name)
         if buf is None or buf.numel() != size:
-            buf = self._buffers[name] = torch.empty(size, device=self.small_owner.device)
+            buf = self._buffers[name] = torch.empty(size, device=self.device)
         return buf
 
     def sample(self, into: str) -> torch.Tensor:
         """The update sample now, into the buffer ``into``: one float32 vector, large parameters'
         chunks first."""
-        dev = self.small_owner.device
-        buf = self.buffer(into, self.large_size + self.small_owner.numel())
+        dev = self.device
+        buf = self.buffer(into, self.large_size + self.small_size)
         large = [v.to(dev) for v in self.large_views] if not self.one_device else self.large_views
         small = [v.to(dev) for v in self.small_views] if not self.one_device else self.small_views
         if self.same_dtype:  # straight into the buffer
@@ -240,8 +244,7 @@ class Extras:
         object, or (views taken afresh each time: sharded parameters) the same parameters, storage
         and sample layout."""
         return other is self or (other.key == self.key and other.large == self.large and other.small == self.small
-                                 and other.large_size == self.large_size
-                                 and other.small_owner.numel() == self.small_owner.numel())
+                                 and other.large_size == self.large_size and other.small_size == self.small_size)
 
     def per_param_sq(self, diff_sq: torch.Tensor) -> torch.Tensor:
         """Segment sums of a sample-shaped vector, in ``large + small`` order."""
@@ -250,7 +253,7 @@ class Extras:
             out.append(diff_sq[:self.large_size].view(len(self.large_views), self.per_large).sum(dim=1))
         if self.small_views:
             small = diff_sq[self.large_size:]
-            if small.device.type == "cpu":
+            if self.device.type == "cpu":
                 out.append(torch.segment_reduce(small, "sum", lengths=self.small_lengths))
             else:
                 out.append(torch.zeros(len(self.small_views), device=diff_sq.device)

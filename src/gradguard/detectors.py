@@ -597,6 +597,12 @@ def _required_streak(silence: float | None, cfg: DetectorConfig) -> int:
     return max(cfg.dead_snapshots, int(math.ceil(math.log(cfg.dead_chance) / math.log(q))))
 
 
+def _mix_silence(us: dict, rate: float) -> None:
+    """Fold this snapshot's silence rate into the layer's (about 20 snapshots of memory)."""
+    n = min(us["n"], 20)
+    us["silence"] = rate if us["silence"] is None else (us["silence"] * n + rate) / (n + 1)
+
+
 def dead(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | None, facts: ModelFacts,
          cfg: DetectorConfig, state: dict) -> Candidate | None:
     """Units switched off for every input: their gradient stays exactly zero while gradient still
@@ -649,18 +655,15 @@ def dead(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | 
                                             "since": np.zeros(len(silent), np.int64), "silence": None, "n": 0}
         streak, since = np.asarray(us["streak"], np.int64), np.asarray(us["since"], np.int64)
         if us["n"] > 0 and not silent.any() and not streak.any():
-            # every unit active now and on the last snapshot (the common case): the silence rate
-            # decays (rate 0, as below), streaks stay 0, nothing is dead
-            n = min(us["n"], 20)
-            us["silence"] = 0.0 if us["silence"] is None else us["silence"] * n / (n + 1)
+            # every unit active now and on the last snapshot (the common case): a silence rate of 0,
+            # streaks stay 0, nothing is dead
+            _mix_silence(us, 0.0)
             us["n"] += 1
             continue
         # the layer's silence rate: the share of units active on the previous snapshot silent now
         was_active = streak == 0
         if us["n"] > 0 and was_active.any():
-            rate = int(np.count_nonzero(silent & was_active)) / int(np.count_nonzero(was_active))  # (= np.mean, ~5x faster)
-            n = min(us["n"], 20)  # ~20-snapshot memory
-            us["silence"] = rate if us["silence"] is None else (us["silence"] * n + rate) / (n + 1)
+            _mix_silence(us, int(np.count_nonzero(silent & was_active)) / int(np.count_nonzero(was_active)))
         elif us["silence"] is None:
             us["silence"] = int(np.count_nonzero(silent)) / len(silent)  # first look: an upper bound for live units
         us["n"] += 1

@@ -866,3 +866,25 @@ def test_the_cpu_bookkeeping_from_norms_read_as_floats_is_the_step_run_at_once(c
     else:
         assert 50 < waited < 400 - len(expected_at_once)  # quiet steps until the latch closed
         assert float(ref["clip_enabled"]) == 1.0 and ref["acc_count"][0] > 0  # clipped at the ceiling
+
+
+def test_the_cpu_sample_sums_are_index_add_s_bit_for_bit():
+    """The weight/update sample's per-parameter sums on a CPU (``segment_reduce``) equal the sums
+    ``index_add_`` gives, bit for bit, zero-size parameters included: they feed the weight norms and
+    so the update ceiling, where a last-bit change moves a chaotic run (the demo's bad-init run did)."""
+    from gradguard.torch import _snapshots
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 0), nn.Linear(0, 4), nn.Linear(4, 3000), nn.Linear(3000, 2))
+    guard = GradGuard(model, log_every_n_steps=1)
+    model(torch.randn(8, 5)).sum().backward()
+    guard.step(torch.optim.SGD(model.parameters(), lr=0.01))
+    ex = _snapshots.extras(guard.engine._built)
+    sizes = [f.numel() for f in ex.small_views]
+    assert 0 in sizes and len(ex.large_views) == 1
+    values = torch.rand(ex.large_size + ex.small_size)
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    expected = torch.zeros(len(sizes)).index_add_(0, owner, values[ex.large_size:])
+    got = ex.per_param_sq(values)
+    assert torch.equal(got[len(ex.large_views):], expected)
+    assert torch.equal(got[0], values[:ex.large_size].sum())

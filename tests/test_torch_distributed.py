@@ -36,6 +36,5 @@ def test_fsdp2_sharded_gradients_give_whole_model_statistics(tmp_path):
     # step before: the sharded layout's sample views are rebuilt on each use)
     logged = [r["update_to_weight"] for r in ranks if r["update_to_weight"]]
     assert logged, "no rank logged"
-    for values in logged:
-        finite = [v for v in values if v == v]
-        assert len(finite) >= len(values) - 3 and all(0 < v < 1 for v in finite), values
+    for values in logged:  # every log step that stepped, each of the 3 layers: finite, a fraction of the weights
+        assert len(values) >= 9 and all(0 < v < 1 for v in values), values

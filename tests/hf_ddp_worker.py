@@ -31,3 +31,7 @@ with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({"world_size": dist.get_world_size(), "totals": cb.totals,
                "weights": [float(p.detach().double().sum()) for p in model.parameters()],
                "logged_norm": [r["grad/norm/global"] for r in trainer.state.log_history if "grad/norm/global" in r]}, f)
+# Without this, gloo's worker threads can outlive the interpreter and abort the process at exit
+# ("terminate called without an active exception", SIGABRT): pytorch/pytorch#190489.
+dist.barrier()
+dist.destroy_process_group()

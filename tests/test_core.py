@@ -406,6 +406,42 @@ def test_pipeline_observe_restarts_window_and_peek_changes_nothing(tmp_path):
     assert float(fresh["acc_steps"]) == 0 and float(fresh["trk_count"]) == 12
 
 
+def test_loss_scaler_skips_are_counted_apart_from_nonfinite_steps():
+    """Steps a loss scaler skipped itself leave the non-finite counts (and the findings); a non-finite
+    step of the run's own in the same window is still one, found at its own step (from the trace);
+    the skips survive a checkpoint, and a checkpoint from before this counter loads."""
+    pipe = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), Options(log_every_n_steps=10))
+    inf = float("inf")
+    rows = [[1.0, 1.0, 1.0]] * 10
+    rows[2] = rows[3] = [inf, 1.0, inf]  # overflows the scaler skipped
+    rows[6] = [1.0, float("nan"), 1.0]  # a NaN of the run's own
+    state = pipe.initial_state()
+    for i, row in enumerate(rows):
+        state = feed(pipe, state, [row])
+        if i in (2, 3):
+            pipe.note_loss_scale_skip(i)
+    raw = stats.WindowStats.from_state(state, last_step=9)
+    window = pipe.window(state, 9)
+    assert (raw.nonfinite_steps, raw.first_nonfinite_step, raw.layer_nonfinite.tolist()) == (3, 2, [2, 1, 2])
+    assert (window.nonfinite_steps, window.first_nonfinite_step, window.loss_scale_skipped) == (1, 6, 2)
+    assert window.layer_nonfinite.tolist() == [0, 0, 0]  # (2 - 2, 1 - 2 -> 0: one per skipped step, at most)
+    saved = json.loads(json.dumps(pipe.state_dict({k: np.asarray(v).tolist() for k, v in state.items()})))
+    assert saved["loss_scale_skips"] == [2, 3]
+    with pytest.warns(gradguard.GradGuardWarning, match="nonfinite at step 6"):
+        pipe.observe(state, 9)
+    assert pipe.monitor.totals["loss_scale_skipped"] == 2 and pipe.monitor.totals["nonfinite"] == 1
+    assert pipe.loss_scale_skips == [] and [(f.kind, f.step) for f in pipe.monitor.findings] == [("nonfinite", 6)]
+
+    only_skips = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), Options(log_every_n_steps=10))
+    only_skips.restore(saved)
+    assert only_skips.loss_scale_skips == [2, 3]
+    saved["monitor"]["totals"].pop("loss_scale_skipped")
+    del saved["loss_scale_skips"]  # a checkpoint from before the counter
+    older = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), Options(log_every_n_steps=10))
+    older.restore(saved)
+    assert older.monitor.totals["loss_scale_skipped"] == 0 and older.loss_scale_skips == []
+
+
 def test_restore_follows_layers_by_name_and_refuses_other_shapes():
     opts = Options(clip="auto")
     a = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), opts)

@@ -237,7 +237,8 @@ def test_bf16_mixed_measures_and_skips(tmp_path):
 def test_16_mixed_with_a_grad_scaler_measures_the_unscaled_gradients(tmp_path, optimizer):
     """A real GradScaler under Lightning's 16-mixed plugin (on the CPU): a fused optimizer's gradients
     are still scaled when the hook runs; the logged norm is the unscaled one either way, and a poisoned
-    step is skipped without breaking the scaler."""
+    step at a loss scale above 1 is left to the scaler, which skips it and backs off: counted as its
+    skip, not as gradguard's, and no finding (to gradguard it is an fp16 overflow like any other)."""
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     module = Classifier(relu_mlp(), lr=1e-3, optimizer=optimizer, poison=[(0, 9, None)])
@@ -247,14 +248,53 @@ def test_16_mixed_with_a_grad_scaler_measures_the_unscaled_gradients(tmp_path, o
 
     assert tr.global_step == 16 and all(torch.isfinite(p).all() for p in module.parameters())
     assert module.update_norms[9] == 0 and module.update_norms[10] > 0
-    assert callback.skipped_steps == 1
-    norms = csv_series(csv_rows(tr), "grad/norm/global")
+    assert callback.skipped_steps == 0 and callback.totals["loss_scale_skipped"] == 1
+    assert callback.totals["nonfinite"] == 0 and not callback.findings
+    rows = csv_rows(tr)
+    assert csv_series(rows, "gradguard/loss_scale_skipped_steps") == {11: 1.0, 15: 1.0}
+    norms = csv_series(rows, "grad/norm/global")
     # the hook (ref_norms) saw the fused optimizer's gradients scaled: by 1024, then by 512 once the
     # scaler backed off at the poisoned step (it saw that step's gradients non-finite)
     scales = {3: 1024.0, 7: 1024.0, 15: 512.0} if optimizer == "adam_fused" else {3: 1.0, 7: 1.0, 15: 1.0}
     for step, scale in scales.items():
         assert norms[step] == pytest.approx(module.ref_norms[step] / scale, rel=1e-4), step
     assert float(plugin.scaler.get_scale()) == 512.0  # the scaler saw the poisoned step and backed off, once
+
+
+def test_16_mixed_at_a_loss_scale_of_one_a_nonfinite_step_is_a_finding(tmp_path):
+    """At a loss scale of 1 the scaling cannot have caused a NaN: it is gradguard's non-finite step
+    (skipped, reported), as without a scaler."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    module = Classifier(relu_mlp(), lr=1e-3, optimizer="adam", poison=[(0, 9, None)])
+    callback = GradGuardCallback(clip=None, log_every_n_steps=4)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
+    tr = fit(tmp_path, module, callback, plugins=[plugin])
+
+    assert tr.global_step == 16 and all(torch.isfinite(p).all() for p in module.parameters())
+    assert callback.skipped_steps == 1 and callback.totals["loss_scale_skipped"] == 0
+    assert [(f.kind, f.step) for f in callback.findings] == [("nonfinite", 9)]
+
+
+def test_16_mixed_fp16_overflows_while_the_scale_settles_are_not_findings(tmp_path):
+    """A real fp16 overflow: a loss scale of 2^28 overflows the float16 backward until the GradScaler
+    has halved it enough (then now and again, at the edge of the range). Those steps are the scaler's
+    routine: no finding, counted apart; the others train (their logged grad norms are finite)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    module = Classifier(relu_mlp(), lr=1e-3, optimizer="adam")
+    callback = GradGuardCallback(log_every_n_steps=4)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 28))
+    tr = fit(tmp_path, module, callback, plugins=[plugin])
+
+    overflowed = [i for i, n in enumerate(module.update_norms) if n == 0]  # the scaler's own skips
+    assert tr.global_step == 16 and 3 <= len(overflowed) < 16 and overflowed[:3] == [0, 1, 2]
+    assert float(plugin.scaler.get_scale()) == 2.0 ** (28 - len(overflowed))
+    assert callback.totals["loss_scale_skipped"] == len(overflowed) and callback.skipped_steps == 0
+    assert callback.totals["nonfinite"] == 0 and not callback.findings
+    norms = csv_series(csv_rows(tr), "grad/norm/global")  # (a log step that overflowed logs inf, as measured)
+    trained = [s for s in (3, 7, 11, 15) if s not in overflowed]
+    assert trained and all(0 < norms[s] < math.inf for s in trained)
 
 
 

@@ -334,7 +334,7 @@ class GradGuardCallback(*_callback_bases()):
             self._finish_step()
         self._in_step = self._engine.before_step(self._fused_gate_optimizer(trainer, optimizer),
                                                  loss_scale=_pending_loss_scale(trainer, optimizer),
-                                                 ceiling_from=optimizer)
+                                                 ceiling_from=optimizer, scaler=_scaler(trainer))
 
     @staticmethod
     def _fused_gate_optimizer(trainer: Any, optimizer: Any) -> Any:
@@ -342,7 +342,7 @@ class GradGuardCallback(*_callback_bases()):
         the verdict and the clip factor on the device), or None where that cannot work: under a
         ``GradScaler`` (16-mixed), which sets the optimizer's ``found_inf``/``grad_scale`` itself
         after this hook, so the engine's would be overwritten; then the engine reads its gate."""
-        if getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None:
+        if _scaler(trainer) is not None:
             return None
         return unwrap_optimizer(optimizer)
 
@@ -431,12 +431,17 @@ def _overrides(pl_module: Any, method: str) -> bool:
     return False
 
 
+def _scaler(trainer: Any) -> Any:
+    """The 16-mixed plugin's ``GradScaler`` (it skips a non-finite step after this hook), or None."""
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+
+
 def _pending_loss_scale(trainer: Any, optimizer: Any) -> torch.Tensor | None:
     """Under a ``GradScaler`` (16-mixed) Lightning unscales the gradients before this hook, except for
     an optimizer that unscales inside its own kernel (``fused=True``): its gradients are still
     multiplied by the scaler's scale here, so the engine is given that scale to measure them unscaled.
     (``GradScaler`` keeps it in ``_scale``; ``get_scale()`` would wait for the device.)"""
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    scaler = _scaler(trainer)
     if scaler is None:
         return None
     if not getattr(unwrap_optimizer(optimizer), "_step_supports_amp_scaling", False):

@@ -298,7 +298,8 @@ class TorchEngine:
         return b.sharding.reduce(torch.zeros(b.n_layers, device=b.device).index_add_(0, b.idx_t, sq))
 
     def before_step(self, optimizer: torch.optim.Optimizer | None = None,
-                    loss_scale: torch.Tensor | None = None, ceiling_from: Any = None) -> bool:
+                    loss_scale: torch.Tensor | None = None, ceiling_from: Any = None,
+                    scaler: Any = None) -> bool:
         """Measure, clip and gate the gradients now in ``.grad``. Returns False when the step must be
         skipped (non-finite gradients and ``skip_nonfinite``): the watched gradients are then set to
         None and the normalization statistics of this step's forward passes are put back.
@@ -318,7 +319,14 @@ class TorchEngine:
         scaled ones.
 
         ``ceiling_from``: the optimizer whose learning rate bounds the policy's update ceiling when
-        ``optimizer`` is not given (hosts that keep the one host read)."""
+        ``optimizer`` is not given (hosts that keep the one host read).
+
+        ``scaler``: the host's ``torch.amp.GradScaler`` when it checks these gradients after this
+        call and skips a non-finite step itself (Lightning's 16-mixed, the Trainer's fp16). A
+        non-finite step at a loss scale above 1 is then its overflow, fp16's routine while the scale
+        settles: left to it, counted apart (``totals["loss_scale_skipped"]``), not a finding; at a
+        scale of 1 or less the scaling did not cause it, and it counts as non-finite. The verdict
+        is read on the host under a scaler (the scaler reads its own on every step anyway)."""
         if self._in_step:
             raise RuntimeError("gradguard: before_step() ran twice without after_step(): the same guard is "
                                "hooked twice into one optimizer step (attach() plus guard.step(), or two "
@@ -333,13 +341,14 @@ class TorchEngine:
         if loss_scale is None:
             loss_scale = self._loss_scale_of(optimizer)
         may_clip = self.policy.scales_global and self.clipping_allowed
+        need_finite = self.skip_nonfinite or scaler is not None
         if self._log_step and b.pipeline.ceiling is not None:
             self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
         if b.step_fn.reads_free and loss_scale is None and self._plain(b, grads):
             # A CPU device: the step reads the norms itself (most steps once each, as floats, the rest later).
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
             scale, finite, sq = b.step_fn.from_norms(norms, b.param_to_layer, b.has_t, need_scale=may_clip,
-                                                     need_finite=self.skip_nonfinite, now=self._log_step)
+                                                     need_finite=need_finite, now=self._log_step)
             layer_sq = None if sq is None else torch.from_numpy(sq)
         else:
             layer_sq = self._layer_sq(b, grads)
@@ -354,9 +363,9 @@ class TorchEngine:
             self._clip_unitwise(b, grads, loss_scale)
         if b.step_fn.reads_free:
             # A CPU device: the verdict is already a Python float; multiply by a float, only when clipping.
-            self._set_gate("host read (cpu)" if self.skip_nonfinite else "none")
-            if self.skip_nonfinite and finite == 0.0:
-                return self._skip(b, grads, scaler_checks_next)
+            self._set_gate("host read (cpu)" if need_finite else "none")
+            if need_finite and finite == 0.0:
+                return self._nonfinite(b, grads, scaler, scaler_checks_next)
             if may_clip and scale < 1.0:
                 torch._foreach_mul_(grads, scale)
         elif self.skip_nonfinite and not self._log_step and _takes_found_inf(optimizer):
@@ -365,13 +374,13 @@ class TorchEngine:
             self._set_gate("optimizer")
             self._hand_to(optimizer, 1.0 - finite, 1.0 / scale if may_clip else None)
             self._norm_stats.restore_where(finite)
-        elif self.skip_nonfinite:
+        elif need_finite:
             # The one host read of a non-log step (GradScaler's gate): 0 = non-finite, 1 = finite,
             # 2 = finite and to be clipped; so the clipping pass runs only when it changes something.
             self._set_gate("host read")
             verdict = int(finite * (1.0 + (scale < 1.0).float()))
             if verdict == 0:
-                return self._skip(b, grads, scaler_checks_next)
+                return self._nonfinite(b, grads, scaler, scaler_checks_next)
             if verdict == 2 and may_clip:
                 torch._foreach_mul_(grads, scale.to(torch.float32))
         elif may_clip and not self._log_step and _takes_found_inf(optimizer):
@@ -408,6 +417,19 @@ class TorchEngine:
             self._gates_logged.add(gate)
             logging.getLogger("gradguard").debug("gradguard: non-finite gate: %s", gate)
         self.gate = gate
+
+    def _nonfinite(self, b: _Built, grads, scaler: Any, scaler_checks_next: bool) -> bool:
+        """A step with non-finite gradients: the loss scaler's own skip (see ``before_step``), else
+        skipped here (``skip_nonfinite``) or let through."""
+        if scaler is not None and float(scaler.get_scale()) > 1.0:
+            # The scaler found them non-finite too and skips the step: leave it the gradients as they
+            # are (and the normalization statistics, as without gradguard); no snapshot of them.
+            b.pipeline.note_loss_scale_skip()
+            self._sums = self._update = None
+            return False
+        if not self.skip_nonfinite:
+            return True
+        return self._skip(b, grads, scaler_checks_next)
 
     def _skip(self, b: _Built, grads, scaler_checks_next: bool = False) -> bool:
         if scaler_checks_next:

@@ -256,7 +256,8 @@ class GradGuardCallback(TrainerCallback, ExportableState):
         self._restore_max_norm(args)
         if self._engine is None:
             return
-        self._stepped = self._engine.before_step(_fused_gate_optimizer(optimizer), ceiling_from=optimizer)
+        self._stepped = self._engine.before_step(_fused_gate_optimizer(optimizer), ceiling_from=optimizer,
+                                                 scaler=getattr(optimizer, "scaler", None))  # fp16's GradScaler
         if not self._stepped and getattr(optimizer, "scaler", True) is None and hasattr(optimizer, "_is_overflow"):
             # Accelerate's flag for a skipped step (read by accelerator.optimizer_step_was_skipped): the
             # Trainer then leaves the LR scheduler alone. Under fp16 the GradScaler raises it itself.

@@ -30,6 +30,10 @@ logger = logging.getLogger("gradguard")
 logger.addHandler(logging.NullHandler())  # the host's logging configuration decides what is printed
 
 _SEVERITY_RANK = {"warning": 0, "critical": 1}
+# Counters over the run. "skipped": non-finite steps gradguard kept from the weights;
+# "loss_scale_skipped": non-finite steps a loss scaler (fp16's GradScaler) skipped itself.
+_TOTALS = {"steps": 0, "skipped": 0, "nonfinite": 0, "clipped": 0, "spikes": 0, "explosions": 0,
+           "loss_scale_skipped": 0}
 
 
 class GradGuardWarning(UserWarning):
@@ -108,7 +112,7 @@ class Monitor:
         self.logging_rank = logging_rank
         self._findings: dict[str, Finding] = {}
         self._det_state: dict[str, dict] = {k: {} for k in det.DETECTOR_STATES}
-        self.totals = {"steps": 0, "skipped": 0, "nonfinite": 0, "clipped": 0, "spikes": 0, "explosions": 0}
+        self.totals = dict(_TOTALS)
         self.clip_enabled_step: int | None = None
         self.history: collections.deque = collections.deque(maxlen=history_size)
         self._unreported_trace: list[tuple[int, np.ndarray]] = []  # per-step rows of windows judged, not logged
@@ -145,6 +149,7 @@ class Monitor:
         t["steps"] += window.steps
         t["nonfinite"] += window.nonfinite_steps
         t["skipped"] += window.nonfinite_steps if self.skip_nonfinite else 0
+        t["loss_scale_skipped"] += window.loss_scale_skipped
         t["clipped"] += window.clipped_steps
         t["spikes"] += window.spikes
         t["explosions"] += window.explosions
@@ -255,6 +260,8 @@ class Monitor:
             "gradguard/spikes": float(t["spikes"]),
             "gradguard/findings": float(len(self._findings)),
         })
+        if t["loss_scale_skipped"]:  # (only in runs with a loss scaler that skipped)
+            s["gradguard/loss_scale_skipped_steps"] = float(t["loss_scale_skipped"])
         if math.isfinite(w.threshold):
             s["gradguard/clip_threshold"] = w.threshold
         return LogRecord(w.last_step, s, names, np.asarray(norm, dtype=np.float64),
@@ -281,7 +288,7 @@ class Monitor:
         det_state = state["detectors"]
         # detectors read their state back with np.asarray, so plain lists from a checkpoint are fine
         self._det_state = {k: dict(det_state.get(k, {})) for k in det.DETECTOR_STATES}
-        self.totals = dict(state["totals"])
+        self.totals = {**_TOTALS, **state["totals"]}
         self.clip_enabled_step = state["clip_enabled_step"]
         self.history.clear()
         for step, row in state.get("history", []):

@@ -248,6 +248,7 @@ class Pipeline:
         # by the adapter from its optimizer; None where the update does not scale with the gradient.
         self.optimizer_gain: float | None = None
         self.step = 0  # optimizer steps seen, skipped ones included
+        self.loss_scale_skips: list[int] = []  # steps of this window a loss scaler skipped itself
 
     # -------------------------------------------------------------- per step
 
@@ -268,13 +269,19 @@ class Pipeline:
     def snapshot(self, sums: LayerSums) -> stats.Snapshot:
         return snapshot_from_sums(self.layers, sums)
 
+    def note_loss_scale_skip(self, step: int | None = None) -> None:
+        """``step`` (default: the current one), measured non-finite, is skipped by the host's loss
+        scaler itself (fp16's GradScaler: an overflow at a loss scale above 1); the window counts it
+        apart (``WindowStats.without_loss_scale_skips``), not as a non-finite step."""
+        self.loss_scale_skips.append(int(self.step if step is None else step))
+
     # -------------------------------------------------------------- the window read
 
     def window(self, host_state: Mapping[str, Any] | np.ndarray, last_step: int) -> stats.WindowStats:
         """The window measured since the last log step, from the host copy of the state (a dict or
         the packed vector)."""
         state = self.layout.unpack_np(host_state) if isinstance(host_state, np.ndarray) else host_state
-        return stats.WindowStats.from_state(state, last_step=last_step)
+        return stats.WindowStats.from_state(state, last_step=last_step).without_loss_scale_skips(self.loss_scale_skips)
 
     def observe(self, host_state: Mapping[str, Any] | np.ndarray, last_step: int,
                 snapshot: stats.Snapshot | None = None, report: bool = True,
@@ -287,10 +294,11 @@ class Pipeline:
         the pure look used when the user reads results mid-run.
         """
         state = dict(self.layout.unpack_np(host_state) if isinstance(host_state, np.ndarray) else host_state)
-        window = stats.WindowStats.from_state(state, last_step=last_step)
+        window = stats.WindowStats.from_state(state, last_step=last_step).without_loss_scale_skips(self.loss_scale_skips)
         if not commit:
             return self.monitor.peek(window, snapshot), state
         decision = self.monitor.observe(window, snapshot, report=report)
+        self.loss_scale_skips = [s for s in self.loss_scale_skips if s > last_step]
         state.update(stats.reset_window(self.n_layers))
         if decision.enable_clipping and self.latch is not None:
             state[self.latch] = np.float32(1.0)
@@ -320,6 +328,7 @@ class Pipeline:
             "numel": [int(l.numel) for l in self.layers],
             "policy": self.policy.name,
             "step_count": int(self.step),
+            "loss_scale_skips": list(self.loss_scale_skips),
             "device_state": dict(device_state),
             "monitor": self.monitor.state_dict(),
             **extra,
@@ -376,6 +385,7 @@ class Pipeline:
                                         for step, row in monitor_state.get("history", [])]
         self.monitor.load_state_dict(monitor_state)
         self.step = int(saved["step_count"])
+        self.loss_scale_skips = [int(s) for s in saved.get("loss_scale_skips", [])]
         return state
 
 

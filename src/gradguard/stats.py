@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -334,6 +334,29 @@ class WindowStats:
     # flags: FLAG_* bits). ``trace_first_step`` is the optimizer step of the first row.
     trace: np.ndarray | None = None
     trace_first_step: int | None = None
+    # Non-finite steps that a loss scaler (fp16's GradScaler) skipped itself, taken out of the
+    # non-finite counts above (``without_loss_scale_skips``).
+    loss_scale_skipped: int = 0
+
+    def without_loss_scale_skips(self, steps: Iterable[int]) -> "WindowStats":
+        """This window with the non-finite ``steps`` that a loss scaler skipped itself (an fp16
+        overflow: the GradScaler drops the step and lowers its scale, its routine while the scale
+        settles) counted apart, in ``loss_scale_skipped``, not as non-finite steps. The per-layer
+        counts lose one per such step (each gave a layer at most one)."""
+        steps = sorted({int(s) for s in steps if self.first_step <= s <= self.last_step})
+        k = min(len(steps), self.nonfinite_steps)
+        if k == 0:
+            return self
+        left = self.nonfinite_steps - k
+        first = self.first_nonfinite_step if left else None
+        if left and first in steps:  # the first of the others, from the per-step trace where it reaches
+            flagged = ([] if self.trace is None else
+                       [self.trace_first_step + i for i, f in enumerate(self.trace[:, 3]) if int(f) & FLAG_NONFINITE])
+            first = next((s for s in flagged if s not in steps), first)
+        return dataclasses.replace(
+            self, nonfinite_steps=left, first_nonfinite_step=first,
+            layer_nonfinite=np.maximum(self.layer_nonfinite - k, 0) if left else np.zeros_like(self.layer_nonfinite),
+            loss_scale_skipped=self.loss_scale_skipped + k)
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], last_step: int) -> "WindowStats":

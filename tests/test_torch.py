@@ -484,6 +484,27 @@ def test_big_models_log_a_bounded_number_of_layers():
     assert len(records[-1].layer_norm) == 100  # the heatmap still sees every layer
 
 
+def test_parameters_with_no_elements_are_not_layers():
+    """A zero-size parameter (a Linear to 0 features, a placeholder) has no gradient to measure: it
+    is not a layer, and log steps divide nothing by its zero size (no RuntimeWarning)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "Initializing zero-element tensors is a no-op"
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 0), nn.Linear(0, 3))
+    model.placeholder = nn.Parameter(torch.zeros(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = GradGuard(model, log_every_n_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(6):
+            opt.zero_grad()
+            (model(torch.randn(16, 4)).square().mean() + model.placeholder.sum()).backward()
+            guard.step(opt)
+        findings = guard.findings
+    assert [l.name for l in guard.layers] == ["0", "3"] and [l.numel for l in guard.layers] == [40, 3]
+    assert guard.totals["steps"] == 6 and not findings
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(log_every_n_steps=-1), "log_every_n_steps"), (dict(log_every_n_steps=0), "log_every_n_steps"),
     (dict(log_every_n_steps=2.5), "log_every_n_steps"), (dict(clip="sometimes"), "clip"),

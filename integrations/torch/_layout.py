@@ -116,7 +116,8 @@ def build_layout(model: nn.Module, order: ForwardOrder, all_params: list[nn.Para
     seen: set[int] = set()
     layers, params, param_layer, unit_param = [], [], [], {}
     for name, module in owners:
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+        # (a parameter with no elements has no gradient to measure: not a layer's, so no 0/0 statistics)
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen and p.numel() > 0]
         if not own:
             continue  # shared parameters belong to the first module that runs
         seen.update(id(p) for p in own)

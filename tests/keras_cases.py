@@ -275,6 +275,27 @@ def case_healthy():
             "steps": 6 * N // BATCH, "epochs": 6, "log_every": 20}
 
 
+def case_lr_schedule():
+    """SGD with a learning-rate schedule: the update ceiling of clip="auto" follows the schedule's
+    current rate, read on log steps (a healthy run: no findings)."""
+    from gradguard import clipping
+
+    x, y = digits()
+    sched = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=10, decay_rate=0.5)
+    model = compile_(mlp(3, "relu"), keras.optimizers.SGD(sched, momentum=0.9))
+    cb = GradGuardCallback(log_every_n_steps=10)
+    gains = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            gains.append(cb.pipeline.optimizer_gain)
+
+    model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, shuffle=False, callbacks=[cb, Probe()])
+    steps = 2 * (N // BATCH)
+    expected = [clipping.sgd_gain(float(keras.ops.convert_to_numpy(sched(k))), 0.9) for k in range(steps + 1)]
+    return {"gains": gains, "expected": expected, "findings": findings(cb), "steps": steps}
+
+
 def case_switch_on():
     """A healthy run, clipping off; one batch scaled 1000x at step 12 is a spike: "auto" switches
     clipping on inside the compiled step, for that very step, with no retrace."""

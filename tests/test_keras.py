@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # subprocesses: every Keras backend / several ran
 from gradguard.findings import REMEDIES
 from keras_runner import BACKENDS, CaseRunner
 
-COMMON = ["vanishing", "exploding", "inf_batch", "healthy", "switch_on", "clip_rules", "save_load",
+COMMON = ["vanishing", "exploding", "inf_batch", "healthy", "lr_schedule", "switch_on", "clip_rules", "save_load",
           "state_roundtrip", "bad_args", "loss_scale", "subclassed", "device_step_ops"]
 EXTRA = {"tensorflow": ["jit_compile", "steps_per_execution", "distributed", "wandb"],
          "jax": ["steps_per_execution", "distributed"],
@@ -156,6 +156,19 @@ def test_healthy_net_has_no_findings_and_logs_reach_history_and_csv(backend):
     assert 0.3 < num(r["history"]["grad/depth_ratio"][-1]) < 30
     # The device state leaves the graph on log steps and epoch ends only (no reads on other steps).
     assert r["reads"] <= 1 + r["steps"] // r["log_every"] + r["epochs"] + 1
+
+
+@backends
+def test_the_update_ceiling_follows_a_learning_rate_schedule(backend):
+    """SGD with ExponentialDecay: the gain behind clip="auto"'s update ceiling is re-read on log steps,
+    each time the schedule's rate at the optimizer's iteration then (it halves every 10 steps)."""
+    r = case(backend, "lr_schedule")
+    assert r["findings"] == [] and len(r["gains"]) == r["steps"]
+    used = [g for i, g in enumerate(r["gains"]) if i == 0 or g != r["gains"][i - 1]]  # each value, in order
+    assert len(used) >= 3 and used == sorted(used, reverse=True)
+    for g in used:
+        assert any(g == pytest.approx(e, rel=1e-6) for e in r["expected"]), (g, r["expected"])
+    assert used[-1] < 0.25 * r["expected"][0]  # (the rate fell by 4x or more, and the gain with it)
 
 
 @backends

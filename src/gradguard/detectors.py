@@ -341,8 +341,7 @@ def update_to_weight(snapshot: Snapshot | None) -> float | None:
 
 
 def exploding(layers: Sequence[LayerInfo], window: WindowStats, snapshot: Snapshot | None,
-              facts: ModelFacts, cfg: DetectorConfig, state: dict, policy_name: str,
-              clip_enabled_now: bool) -> Candidate | None:
+              facts: ModelFacts, cfg: DetectorConfig, state: dict, policy_name: str) -> Candidate | None:
     """Growth that feeds on itself and shows in what the optimizer applies. Established by any of:
 
     * **overflow**: the gradients turned NaN/Inf right after the norm spiked (the tracker's

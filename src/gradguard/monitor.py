@@ -162,7 +162,7 @@ class Monitor:
         cfg, L = self.config, self.layers
         st = self._det_state
         dead = det.dead(L, window, snapshot, self.facts, cfg, st["dead"])
-        explosion = det.exploding(L, window, snapshot, self.facts, cfg, st["exploding"], self.policy_name, enabled)
+        explosion = det.exploding(L, window, snapshot, self.facts, cfg, st["exploding"], self.policy_name)
         candidates = [
             # judged independently of dead units; a dead layer in the collapse is named as its cause
             det.vanishing(L, window, snapshot, self.facts, cfg, st["vanishing"],

@@ -484,6 +484,47 @@ def test_big_models_log_a_bounded_number_of_layers():
     assert len(records[-1].layer_norm) == 100  # the heatmap still sees every layer
 
 
+def test_a_torch_compiled_model_compiles_a_few_graphs_not_one_per_step():
+    """Under ``torch.compile`` gradguard's forward hooks are traced with the model. They decide on a
+    bool (a log step next or not), so dynamo compiles a few graphs; they read the step count before,
+    and every step was a new graph until dynamo's recompile limit (8) sent the model back to eager.
+    Skips and their BatchNorm restore work compiled as they do eagerly."""
+    def run(compiled):
+        torch.manual_seed(0)
+        graphs = []
+
+        def counting_backend(gm, example_inputs):  # a dynamo backend that runs the graph as traced
+            graphs.append(gm)
+            return gm.forward
+
+        layers = [nn.Linear(16, 32), nn.Tanh()]
+        for _ in range(4):
+            layers += [nn.Linear(32, 32), nn.Tanh()]
+        net = nn.Sequential(*layers, nn.BatchNorm1d(32), nn.Linear(32, 4))
+        model = torch.compile(net, backend=counting_backend) if compiled else net
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        guard = GradGuard(model, log_every_n_steps=5)
+        x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+        for step in range(30):
+            opt.zero_grad()
+            xs = x.clone()
+            if step == 12:
+                xs[0, 0] = float("nan")
+            nn.functional.cross_entropy(model(xs), y).backward()
+            guard.step(opt)
+        return graphs, guard, net
+
+    torch._dynamo.reset()
+    graphs, guard, net = run(compiled=True)
+    _, eager, eager_net = run(compiled=False)
+    assert 1 <= len(graphs) <= 4, len(graphs)
+    assert guard.skipped_steps == eager.skipped_steps == 1
+    assert [(f.kind, f.step) for f in guard.findings] == [(f.kind, f.step) for f in eager.findings] == [("nonfinite", 12)]
+    bn, eager_bn = net[-2], eager_net[-2]
+    assert torch.isfinite(bn.running_mean).all() and int(bn.num_batches_tracked) == 29  # step 12's put back
+    torch.testing.assert_close(bn.running_var, eager_bn.running_var)
+
+
 def test_parameters_with_no_elements_are_not_layers():
     """A zero-size parameter (a Linear to 0 features, a placeholder) has no gradient to measure: it
     is not a layer, and log steps divide nothing by its zero size (no RuntimeWarning)."""
@@ -891,18 +932,25 @@ def test_the_cpu_bookkeeping_from_norms_read_as_floats_is_the_step_run_at_once(c
 
 def test_the_cpu_sample_sums_are_index_add_s_bit_for_bit():
     """The weight/update sample's per-parameter sums on a CPU (``segment_reduce``) equal the sums
-    ``index_add_`` gives, bit for bit, zero-size parameters included: they feed the weight norms and
-    so the update ceiling, where a last-bit change moves a chaotic run (the demo's bad-init run did)."""
+    ``index_add_`` gives, bit for bit, zero-size segments included (an FSDP rank's empty shard of a
+    small parameter): they feed the weight norms and so the update ceiling, where a last-bit change
+    moves a chaotic run (the demo's bad-init run did)."""
     from gradguard.torch import _snapshots
 
+    lengths = torch.tensor([3, 0, 5, 0, 0, 2])
+    values = torch.rand(int(lengths.sum()))
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    assert torch.equal(torch.segment_reduce(values, "sum", lengths=lengths),
+                       torch.zeros(len(lengths)).index_add_(0, owner, values))
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 0), nn.Linear(0, 4), nn.Linear(4, 3000), nn.Linear(3000, 2))
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 4), nn.Linear(4, 3000), nn.Linear(3000, 2))
     guard = GradGuard(model, log_every_n_steps=1)
     model(torch.randn(8, 5)).sum().backward()
     guard.step(torch.optim.SGD(model.parameters(), lr=0.01))
     ex = _snapshots.extras(guard.engine._built)
     sizes = [f.numel() for f in ex.small_views]
-    assert 0 in sizes and len(ex.large_views) == 1
+    assert len(sizes) == 7 and len(ex.large_views) == 1
     values = torch.rand(ex.large_size + ex.small_size)
     owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     expected = torch.zeros(len(sizes)).index_add_(0, owner, values[ex.large_size:])

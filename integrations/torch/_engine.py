@@ -133,6 +133,7 @@ class TorchEngine:
         self._built: _Built | None = None
         self._pending: dict | None = None  # a checkpoint loaded before the layout is known
         self._steps_before_build = 0
+        self._measure_next = pipeline.is_log_step(0, self.log_every_n_steps)  # see _measuring_forward
         self._in_step = False
         self._log_step = False
         self._sums: pipeline.LayerSums | None = None
@@ -180,6 +181,10 @@ class TorchEngine:
             self._built.pipeline.step = int(value)
         else:
             self._steps_before_build = int(value)
+        self._step_moved()
+
+    def _step_moved(self) -> None:
+        self._measure_next = pipeline.is_log_step(self.step_count, self.log_every_n_steps)
 
     def peek(self) -> tuple[list[Finding], dict[str, int]]:
         """Findings and totals including the steps since the last log step, without judging them:
@@ -229,6 +234,7 @@ class TorchEngine:
         if self._built is None:
             self._probes.install_saturation(self._order, [n for n, _ in self.model.named_modules()])
         self._built, self._pending = built, None
+        self._step_moved()
         return built
 
     def _rebuild_if_trainable_changed(self) -> None:
@@ -253,9 +259,10 @@ class TorchEngine:
         return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
 
     def _measuring_forward(self, module: nn.Module) -> bool:
-        """The training forward pass whose backward feeds a log step."""
-        return (pipeline.is_log_step(self.step_count, self.log_every_n_steps) and torch.is_grad_enabled()
-                and module.training)
+        """The training forward pass whose backward feeds a log step. (A bool kept up to date, not the
+        step count: under ``torch.compile`` the forward hooks are traced, and a guard on a bool gives
+        two compiled graphs, where one on the count recompiled on every step until dynamo gave up.)"""
+        return self._measure_next and torch.is_grad_enabled() and module.training
 
     # ------------------------------------------------------------------ per step
 
@@ -495,6 +502,7 @@ class TorchEngine:
         b = self._built
         step = b.pipeline.step
         b.pipeline.step += 1
+        self._step_moved()
         if not self._log_step:
             return None
         sums, self._sums = self._sums, None
@@ -551,7 +559,7 @@ class TorchEngine:
             raise ValueError(f"state_dict is not a gradguard state (keys {sorted(state)[:6]})")
         if self._built is None:
             self._pending = dict(state)  # applied when the layout is fixed at the first step
-            self._steps_before_build = int(state["step_count"])
+            self.step_count = int(state["step_count"])
             return
         self._build(carry=state)
 

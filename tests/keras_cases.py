@@ -275,6 +275,23 @@ def case_healthy():
             "steps": 6 * N // BATCH, "epochs": 6, "log_every": 20}
 
 
+def case_run_eagerly():
+    """compile(run_eagerly=True): the hook runs eagerly, with the same measurements, skip and finding
+    as in the compiled step."""
+    x, y = digits()
+    x = x.copy()
+    x[5 * BATCH] = np.nan
+    out = {}
+    for eager in (False, True):
+        model = compile_(mlp(3, "relu"), keras.optimizers.Adam(1e-3), run_eagerly=eager)
+        cb = GradGuardCallback(log_every_n_steps=4)
+        h = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+        out["eager" if eager else "compiled"] = {
+            "findings": [(f["kind"], f["step"]) for f in findings(cb)], "skipped": cb.skipped_steps,
+            "finite": all_finite(weights(model)), "norm": h.history["grad/norm/global"]}
+    return out
+
+
 def case_lr_schedule():
     """SGD with a learning-rate schedule: the update ceiling of clip="auto" follows the schedule's
     current rate, read on log steps (a healthy run: no findings)."""

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # subprocesses: every Keras backend / several ran
 from gradguard.findings import REMEDIES
 from keras_runner import BACKENDS, CaseRunner
 
-COMMON = ["vanishing", "exploding", "inf_batch", "healthy", "lr_schedule", "switch_on", "clip_rules", "save_load",
+COMMON = ["vanishing", "exploding", "inf_batch", "healthy", "lr_schedule", "run_eagerly", "switch_on", "clip_rules", "save_load",
           "state_roundtrip", "bad_args", "loss_scale", "subclassed", "device_step_ops"]
 EXTRA = {"tensorflow": ["jit_compile", "steps_per_execution", "distributed", "wandb"],
          "jax": ["steps_per_execution", "distributed"],
@@ -156,6 +156,15 @@ def test_healthy_net_has_no_findings_and_logs_reach_history_and_csv(backend):
     assert 0.3 < num(r["history"]["grad/depth_ratio"][-1]) < 30
     # The device state leaves the graph on log steps and epoch ends only (no reads on other steps).
     assert r["reads"] <= 1 + r["steps"] // r["log_every"] + r["epochs"] + 1
+
+
+@backends
+def test_run_eagerly_measures_skips_and_finds_as_the_compiled_step(backend):
+    r = case(backend, "run_eagerly")
+    eager, compiled = r["eager"], r["compiled"]
+    assert [num(v) for v in eager.pop("norm")] == pytest.approx([num(v) for v in compiled.pop("norm")], rel=1e-5)
+    assert eager == compiled
+    assert r["eager"]["findings"] == [["nonfinite", 5]] and r["eager"]["skipped"] == 1 and r["eager"]["finite"]
 
 
 @backends

@@ -282,8 +282,12 @@ def test_16_mixed_fp16_overflows_while_the_scale_settles_are_not_findings(tmp_pa
     routine: no finding, counted apart; the others train (their logged grad norms are finite)."""
     from pytorch_lightning.plugins.precision import MixedPrecision
 
+    from gradguard.report import render
+    from gradguard.runlog import read_run
+    from gradguard.summary import summarize
+
     module = Classifier(relu_mlp(), lr=1e-3, optimizer="adam")
-    callback = GradGuardCallback(log_every_n_steps=4)
+    callback = GradGuardCallback(log_every_n_steps=4, sinks=str(tmp_path / "gg"))
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 28))
     tr = fit(tmp_path, module, callback, plugins=[plugin])
 
@@ -295,6 +299,9 @@ def test_16_mixed_fp16_overflows_while_the_scale_settles_are_not_findings(tmp_pa
     norms = csv_series(csv_rows(tr), "grad/norm/global")  # (a log step that overflowed logs inf, as measured)
     trained = [s for s in (3, 7, 11, 15) if s not in overflowed]
     assert trained and all(0 < norms[s] < math.inf for s in trained)
+    run = read_run(tmp_path / "gg")  # the local report and the console summary say so
+    said = f"skipped by the loss scaler {len(overflowed)}"
+    assert said in summarize(run) and said.replace(" " + str(len(overflowed)), f" <b>{len(overflowed)}</b>") in render([run])
 
 
 

@@ -114,6 +114,8 @@ def _run_stats(run: RunLog) -> str:
              f"<b>{len(run.layers)}</b> layers",
              f"clipped <b>{int(sc.get('gradguard/clipped_steps', run.clipped.sum()))}</b>",
              f"skipped <b>{int(sc.get('gradguard/skipped_steps', run.skipped.sum()))}</b>"]
+    if sc.get("gradguard/loss_scale_skipped_steps"):  # fp16: the GradScaler's own overflow skips
+        parts.append(f"skipped by the loss scaler <b>{int(sc['gradguard/loss_scale_skipped_steps'])}</b>")
     on = run.clip_enabled_step
     if on is not None:
         parts.append(f"clipping on from step <b>{on}</b>")

@@ -78,6 +78,8 @@ def summarize(run: RunLog, width: int = 72, ascii_only: bool = False) -> str:
     stats = [f"{n_steps} steps", f"{len(run.layers)} layers",
              f"clipped {int(sc.get('gradguard/clipped_steps', run.clipped.sum()))}",
              f"skipped {int(sc.get('gradguard/skipped_steps', run.skipped.sum()))}"]
+    if sc.get("gradguard/loss_scale_skipped_steps"):  # fp16: the GradScaler's own overflow skips
+        stats.append(f"skipped by the loss scaler {int(sc['gradguard/loss_scale_skipped_steps'])}")
     if run.clip_enabled_step is not None:
         stats.append(f"clipping on from step {run.clip_enabled_step}")
     lines.append("   " + ", ".join(stats))

@@ -425,6 +425,8 @@ def test_loss_scaler_skips_are_counted_apart_from_nonfinite_steps():
     assert (raw.nonfinite_steps, raw.first_nonfinite_step, raw.layer_nonfinite.tolist()) == (3, 2, [2, 1, 2])
     assert (window.nonfinite_steps, window.first_nonfinite_step, window.loss_scale_skipped) == (1, 6, 2)
     assert window.layer_nonfinite.tolist() == [0, 0, 0]  # (2 - 2, 1 - 2 -> 0: one per skipped step, at most)
+    counted = raw.without_loss_scale_skips([2, 3], unplaced=1)  # one more, counted on a device
+    assert (counted.nonfinite_steps, counted.first_nonfinite_step, counted.loss_scale_skipped) == (0, None, 3)
     saved = json.loads(json.dumps(pipe.state_dict({k: np.asarray(v).tolist() for k, v in state.items()})))
     assert saved["loss_scale_skips"] == [2, 3]
     with pytest.warns(gradguard.GradGuardWarning, match="nonfinite at step 6"):

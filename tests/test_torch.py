@@ -397,6 +397,42 @@ def test_a_grad_scaler_driving_a_fused_optimizer_is_measured_and_clipped_unscale
     assert scaled_totals == plain_totals and (clip == "agc" or plain_totals["clipped"] == 6)
 
 
+@pytest.mark.parametrize("host_reads_free", [None, False])
+@pytest.mark.parametrize("init_scale", [1024.0, 1.0])
+def test_a_grad_scaler_s_own_skips_through_attach_are_not_findings(host_reads_free, init_scale):
+    """GradScaler.step drives a fused optimizer through ``attach``: a NaN batch at a loss scale above 1
+    is the scaler's skip (its ``found_inf`` makes the kernel skip the update): counted apart, no
+    finding, on a CPU (verdict read at once) and on the accelerator path (forced here: the verdict
+    stays on the device, the skip is counted there and read on the log step). At a scale of 1 it is
+    a non-finite step of the run's own, as without a scaler."""
+    torch.manual_seed(0)
+    model = mlp(3, init=he)
+    guard = GradGuard(model, log_every_n_steps=4)
+    guard.engine.host_reads_free = host_reads_free
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    guard.attach(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    x, y = digits(64)
+    moved = []
+    for step in range(8):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        xs = x.clone()
+        if step == 5:  # a non-log step (log steps: 0, 3, 7)
+            xs[0, 0] = float("nan")
+        scaler.scale(nn.functional.cross_entropy(model(xs), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        moved.append(any(not torch.equal(a, p) for a, p in zip(before, model.parameters())))
+    assert moved == [True] * 5 + [False] + [True] * 2 and all(torch.isfinite(p).all() for p in model.parameters())
+    totals = guard.totals
+    if init_scale > 1:
+        assert totals["loss_scale_skipped"] == 1 and totals["nonfinite"] == 0 and not guard.findings
+    else:
+        assert totals["loss_scale_skipped"] == 0 and totals["nonfinite"] == 1
+        assert [(f.kind, f.step) for f in guard.findings] == [("nonfinite", 5)]
+
+
 # ------------------------------------------------------------------------------- state, sinks, arguments
 
 

@@ -249,6 +249,7 @@ class Pipeline:
         self.optimizer_gain: float | None = None
         self.step = 0  # optimizer steps seen, skipped ones included
         self.loss_scale_skips: list[int] = []  # steps of this window a loss scaler skipped itself
+        self.loss_scale_unplaced = 0  # more of them, counted on the device (their steps unknown)
 
     # -------------------------------------------------------------- per step
 
@@ -281,7 +282,8 @@ class Pipeline:
         """The window measured since the last log step, from the host copy of the state (a dict or
         the packed vector)."""
         state = self.layout.unpack_np(host_state) if isinstance(host_state, np.ndarray) else host_state
-        return stats.WindowStats.from_state(state, last_step=last_step).without_loss_scale_skips(self.loss_scale_skips)
+        return stats.WindowStats.from_state(state, last_step=last_step).without_loss_scale_skips(
+            self.loss_scale_skips, self.loss_scale_unplaced)
 
     def observe(self, host_state: Mapping[str, Any] | np.ndarray, last_step: int,
                 snapshot: stats.Snapshot | None = None, report: bool = True,
@@ -294,11 +296,12 @@ class Pipeline:
         the pure look used when the user reads results mid-run.
         """
         state = dict(self.layout.unpack_np(host_state) if isinstance(host_state, np.ndarray) else host_state)
-        window = stats.WindowStats.from_state(state, last_step=last_step).without_loss_scale_skips(self.loss_scale_skips)
+        window = self.window(state, last_step)
         if not commit:
             return self.monitor.peek(window, snapshot), state
         decision = self.monitor.observe(window, snapshot, report=report)
         self.loss_scale_skips = [s for s in self.loss_scale_skips if s > last_step]
+        self.loss_scale_unplaced = 0
         state.update(stats.reset_window(self.n_layers))
         if decision.enable_clipping and self.latch is not None:
             state[self.latch] = np.float32(1.0)
@@ -329,6 +332,7 @@ class Pipeline:
             "policy": self.policy.name,
             "step_count": int(self.step),
             "loss_scale_skips": list(self.loss_scale_skips),
+            "loss_scale_unplaced": int(self.loss_scale_unplaced),
             "device_state": dict(device_state),
             "monitor": self.monitor.state_dict(),
             **extra,
@@ -386,6 +390,7 @@ class Pipeline:
         self.monitor.load_state_dict(monitor_state)
         self.step = int(saved["step_count"])
         self.loss_scale_skips = [int(s) for s in saved.get("loss_scale_skips", [])]
+        self.loss_scale_unplaced = int(saved.get("loss_scale_unplaced", 0))
         return state
 
 

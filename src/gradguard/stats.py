@@ -338,13 +338,14 @@ class WindowStats:
     # non-finite counts above (``without_loss_scale_skips``).
     loss_scale_skipped: int = 0
 
-    def without_loss_scale_skips(self, steps: Iterable[int]) -> "WindowStats":
+    def without_loss_scale_skips(self, steps: Iterable[int], unplaced: int = 0) -> "WindowStats":
         """This window with the non-finite ``steps`` that a loss scaler skipped itself (an fp16
         overflow: the GradScaler drops the step and lowers its scale, its routine while the scale
-        settles) counted apart, in ``loss_scale_skipped``, not as non-finite steps. The per-layer
-        counts lose one per such step (each gave a layer at most one)."""
+        settles) counted apart, in ``loss_scale_skipped``, not as non-finite steps; ``unplaced``:
+        more such steps, counted on the device, whose steps are not known. The per-layer counts
+        lose one per such step (each gave a layer at most one)."""
         steps = sorted({int(s) for s in steps if self.first_step <= s <= self.last_step})
-        k = min(len(steps), self.nonfinite_steps)
+        k = min(len(steps) + int(unplaced), self.nonfinite_steps)
         if k == 0:
             return self
         left = self.nonfinite_steps - k

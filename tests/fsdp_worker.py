@@ -68,6 +68,9 @@ def work(rank, port, out):
               "update_to_weight": updates}
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
+    # Both ranks done with every collective before either tears the group down (a rank that left
+    # early has aborted the other at exit under load: "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -407,41 +407,50 @@ def test_pipeline_observe_restarts_window_and_peek_changes_nothing(tmp_path):
 
 
 def test_loss_scaler_skips_are_counted_apart_from_nonfinite_steps():
-    """Steps a loss scaler skipped itself leave the non-finite counts (and the findings); a non-finite
-    step of the run's own in the same window is still one, found at its own step (from the trace);
-    the skips survive a checkpoint, and a checkpoint from before this counter loads."""
-    pipe = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), Options(log_every_n_steps=10))
-    inf = float("inf")
+    """Non-finite steps at an active loss scaler (its scale above 1) are its own skips: counted apart,
+    flagged apart in the trace, no overflow after a spike (no explosion, the latch stays open); a NaN
+    of the run's own in the same window is still one, in its own layer, at its own step."""
+    inf, nan = float("inf"), float("nan")
     rows = [[1.0, 1.0, 1.0]] * 10
-    rows[2] = rows[3] = [inf, 1.0, inf]  # overflows the scaler skipped
-    rows[6] = [1.0, float("nan"), 1.0]  # a NaN of the run's own
-    state = pipe.initial_state()
-    for i, row in enumerate(rows):
-        state = feed(pipe, state, [row])
-        if i in (2, 3):
-            pipe.note_loss_scale_skip(i)
-    raw = stats.WindowStats.from_state(state, last_step=9)
-    window = pipe.window(state, 9)
-    assert (raw.nonfinite_steps, raw.first_nonfinite_step, raw.layer_nonfinite.tolist()) == (3, 2, [2, 1, 2])
-    assert (window.nonfinite_steps, window.first_nonfinite_step, window.loss_scale_skipped) == (1, 6, 2)
-    assert window.layer_nonfinite.tolist() == [0, 0, 0]  # (2 - 2, 1 - 2 -> 0: one per skipped step, at most)
-    counted = raw.without_loss_scale_skips([2, 3], unplaced=1)  # one more, counted on a device
-    assert (counted.nonfinite_steps, counted.first_nonfinite_step, counted.loss_scale_skipped) == (0, None, 3)
-    saved = json.loads(json.dumps(pipe.state_dict({k: np.asarray(v).tolist() for k, v in state.items()})))
-    assert saved["loss_scale_skips"] == [2, 3]
-    with pytest.warns(gradguard.GradGuardWarning, match="nonfinite at step 6"):
-        pipe.observe(state, 9)
-    assert pipe.monitor.totals["loss_scale_skipped"] == 2 and pipe.monitor.totals["nonfinite"] == 1
-    assert pipe.loss_scale_skips == [] and [(f.kind, f.step) for f in pipe.monitor.findings] == [("nonfinite", 6)]
+    rows[1] = [300.0, 300.0, 300.0]  # a spike
+    rows[2] = rows[3] = [inf, 1.0, inf]  # overflows right after it
+    rows[6] = [1.0, nan, 1.0]  # a NaN in layer 1
+    scaler_at = {2: 1.0, 3: 1.0, 6: 0.0}  # (a scale of 1 or less at step 6: the scaling is not the cause)
 
-    only_skips = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), Options(log_every_n_steps=10))
-    only_skips.restore(saved)
-    assert only_skips.loss_scale_skips == [2, 3]
+    def run(with_scaler):
+        pipe = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), Options(clip="auto", log_every_n_steps=10))
+        state = pipe.initial_state()
+        for i, row in enumerate(rows):
+            sq = np.square(np.asarray(row, np.float32))
+            active = np.float32(scaler_at[i]) if with_scaler and i in scaler_at else None
+            _, _, state = stats.device_step(state, sq, np.ones(3, np.float32), pipe.policy, xp, pipe.tracker, active)
+            pipe.step += 1
+        return pipe, state
+
+    pipe, state = run(with_scaler=True)
+    w = pipe.window(state, 9)
+    assert (w.nonfinite_steps, w.first_nonfinite_step, w.loss_scale_skipped) == (1, 6, 2)
+    assert w.layer_nonfinite.tolist() == [0, 1, 0] and w.explosions == 0
+    flags = w.trace[:, stats.TRACE_FLAGS].astype(int)
+    assert [i for i, f in enumerate(flags) if f & stats.FLAG_SCALER_SKIP] == [2, 3]
+    assert [i for i, f in enumerate(flags) if f & stats.FLAG_NONFINITE] == [6]
+    with pytest.warns(gradguard.GradGuardWarning, match="nonfinite at step 6"):
+        _, fresh = pipe.observe(state, 9)
+    assert pipe.monitor.totals["loss_scale_skipped"] == 2 and pipe.monitor.totals["nonfinite"] == 1
+    assert [(f.kind, f.step) for f in pipe.monitor.findings] == [("nonfinite", 6)]
+    assert float(fresh["acc_scaler_skips"]) == 0 and float(fresh["clip_enabled"]) == 0  # window restarted, latch open
+
+    bare, bare_state = run(with_scaler=False)  # the same steps without a scaler: three non-finite, an explosion
+    b = bare.window(bare_state, 9)
+    assert (b.nonfinite_steps, b.loss_scale_skipped, b.layer_nonfinite.tolist()) == (3, 0, [2, 1, 2])
+    assert b.explosions >= 1 and float(bare_state["clip_enabled"]) == 1
+
+    saved = json.loads(json.dumps(pipe.state_dict({k: np.asarray(v).tolist() for k, v in state.items()})))
+    del saved["device_state"]["acc_scaler_skips"]  # a checkpoint from before the counter
     saved["monitor"]["totals"].pop("loss_scale_skipped")
-    del saved["loss_scale_skips"]  # a checkpoint from before the counter
-    older = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), Options(log_every_n_steps=10))
-    older.restore(saved)
-    assert older.monitor.totals["loss_scale_skipped"] == 0 and older.loss_scale_skips == []
+    older = pipeline.Pipeline(make_layers(3), gradguard.ModelFacts(), Options(clip="auto", log_every_n_steps=10))
+    got = older.restore(saved)
+    assert float(got["acc_scaler_skips"]) == 0 and older.monitor.totals["loss_scale_skipped"] == 0
 
 
 def test_restore_follows_layers_by_name_and_refuses_other_shapes():

@@ -129,7 +129,7 @@ def test_every_step_reaches_the_jsonl_log_through_the_real_torch_guard(runs):
     for r in records:
         ps = r["per_step"]
         assert set(ps) == {"step", "global_norm", "clip_threshold", "scale", "nonfinite", "skipped", "clipped",
-                           "spike", "explosion"}
+                           "spike", "explosion", "loss_scale_skipped"}
         assert all(len(v) == len(ps["step"]) for v in ps.values())
         assert r["layer_numel"] == [64 * 32 + 32, 32 * 32 + 32, 32 * 10 + 10]
     col = {k: [v for r in records for v in r["per_step"][k]] for k in records[0]["per_step"]}

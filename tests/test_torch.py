@@ -540,7 +540,10 @@ def test_a_torch_compiled_model_compiles_a_few_graphs_not_one_per_step():
         model = torch.compile(net, backend=counting_backend) if compiled else net
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         guard = GradGuard(model, log_every_n_steps=5)
-        x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+        probes, take = guard.engine._probes, guard.engine._probes.take
+        taken = []  # what the traced forward hooks measured, per step (saturation of the Tanh modules)
+        probes.take = lambda: taken.append(take()[0]) or (taken[-1], None)
+        x, y = 4.0 * torch.randn(64, 16), torch.randint(0, 4, (64,))
         for step in range(30):
             opt.zero_grad()
             xs = x.clone()
@@ -548,12 +551,17 @@ def test_a_torch_compiled_model_compiles_a_few_graphs_not_one_per_step():
                 xs[0, 0] = float("nan")
             nn.functional.cross_entropy(model(xs), y).backward()
             guard.step(opt)
-        return graphs, guard, net
+        return graphs, guard, net, taken
 
     torch._dynamo.reset()
-    graphs, guard, net = run(compiled=True)
-    _, eager, eager_net = run(compiled=False)
+    graphs, guard, net, taken = run(compiled=True)
+    _, eager, eager_net, eager_taken = run(compiled=False)
     assert 1 <= len(graphs) <= 4, len(graphs)
+    # log steps 0, 4, 9, ..., 29; the probes are in place from the first step's end
+    assert len(taken) == len(eager_taken) == 7 and taken[0] is None and all(len(t) == 5 for t in taken[1:])
+    assert max(taken[-1].values()) > 0.05  # (inputs large enough to saturate some tanh outputs)
+    for t, e in zip(taken[1:], eager_taken[1:]):
+        assert t.keys() == e.keys() and all(t[k] == pytest.approx(e[k], abs=1e-6) for k in t)
     assert guard.skipped_steps == eager.skipped_steps == 1
     assert [(f.kind, f.step) for f in guard.findings] == [(f.kind, f.step) for f in eager.findings] == [("nonfinite", 12)]
     bn, eager_bn = net[-2], eager_net[-2]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from itertools import repeat
 from operator import attrgetter, is_
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ class TorchEngine:
             raise TypeError("pass either options= or keyword options, not both")
         self.options = options or Options.of(type(self).__name__, kwargs)
         self.model = unwrap(model)
-        if not any(p.requires_grad for p in self.model.parameters()):
+        if not any(p.requires_grad and p.numel() > 0 for p in self.model.parameters()):
             raise ValueError(f"model has no trainable parameters to watch (model={type(model).__name__})")
         self.policy = self.options.policy
         self.log_every_n_steps = self.options.every()
@@ -134,7 +134,6 @@ class TorchEngine:
         self._pending: dict | None = None  # a checkpoint loaded before the layout is known
         self._steps_before_build = 0
         self._measure_next = pipeline.is_log_step(0, self.log_every_n_steps)  # see _measuring_forward
-        self._owned_skips: torch.Tensor | float = 0.0  # a driving GradScaler's skips, counted on the device
         self._in_step = False
         self._log_step = False
         self._sums: pipeline.LayerSums | None = None
@@ -228,7 +227,6 @@ class TorchEngine:
         saved = carry if carry is not None else self._pending
         if saved:
             host = pipe.restore(saved, to_numpy=lambda v: v.detach().cpu().numpy() if torch.is_tensor(v) else v)
-        self._owned_skips = float(pipe.loss_scale_unplaced)  # (the device count goes on from the checkpoint's)
         built.step_fn = _fused.make_step({k: host[k] for k in pipe.layout.keys}, self.policy, pipe.tracker,
                                          device, self.host_reads_free)
         logging.getLogger("gradguard").debug("gradguard: per-step bookkeeping: %s; non-finite gate: %s",
@@ -244,7 +242,7 @@ class TorchEngine:
         of layers that stay is kept by name, new layers start fresh, findings stay."""
         if trainable_key(self._all_params) == self._built.layout.trainable:
             return
-        if not any(p.requires_grad for p in self._all_params):
+        if not any(p.requires_grad and p.numel() > 0 for p in self._all_params):
             return  # everything frozen: nothing to measure, keep the last layout
         saved = self.state_dict()
         before = set(self._built.layout.names)
@@ -263,7 +261,7 @@ class TorchEngine:
     def _measuring_forward(self, module: nn.Module) -> bool:
         """The training forward pass whose backward feeds a log step. (A bool kept up to date, not the
         step count: under ``torch.compile`` the forward hooks are traced, and a guard on a bool gives
-        two compiled graphs, where one on the count recompiled on every step until dynamo gave up.)"""
+        a few compiled graphs, where one on the count recompiled on every step until dynamo gave up.)"""
         return self._measure_next and torch.is_grad_enabled() and module.training
 
     # ------------------------------------------------------------------ per step
@@ -333,12 +331,11 @@ class TorchEngine:
         ``scaler``: the host's ``torch.amp.GradScaler`` when it checks these gradients after this
         call and skips a non-finite step itself (Lightning's 16-mixed, the Trainer's fp16). A
         non-finite step at a loss scale above 1 is then its overflow, fp16's routine while the scale
-        settles: left to it, counted apart (``totals["loss_scale_skipped"]``), not a finding; at a
-        scale of 1 or less the scaling did not cause it, and it counts as non-finite. The verdict
-        is read on the host under a scaler (as with ``skip_nonfinite``, the default). The same holds
-        when ``GradScaler.step`` drives a fused optimizer through ``attach`` (its ``grad_scale`` and
-        ``found_inf`` set on the optimizer): where the verdict is read, at once; where it is not (the
-        sync-free gate), such steps are counted on the device and read on log steps."""
+        settles: counted on the device as the scaler's skip (``totals["loss_scale_skipped"]``), not
+        as a non-finite step of the run's own, so not a finding; at a scale of 1 or less the scaling
+        did not cause it, and it is one. The same holds when ``GradScaler.step`` drives a fused
+        optimizer through ``attach`` (the scale it sets as the optimizer's ``grad_scale``). The step
+        itself is gated as any other (the scaler skips it too)."""
         if self._in_step:
             raise RuntimeError("gradguard: before_step() ran twice without after_step(): the same guard is "
                                "hooked twice into one optimizer step (attach() plus guard.step(), or two "
@@ -350,44 +347,37 @@ class TorchEngine:
         if not grads:
             return True
         scaler_checks_next = loss_scale is not None  # a host's scaler, yet to check the gradients
-        driven = None  # a GradScaler driving this (fused) optimizer's step: its loss scale
+        scaler_scale = _scale_of(scaler) if scaler is not None else None
         if loss_scale is None:
-            loss_scale = driven = self._loss_scale_of(optimizer)
+            loss_scale = self._loss_scale_of(optimizer)
+            if scaler_scale is None:
+                scaler_scale = loss_scale  # GradScaler.step driving a fused optimizer (attach)
+        scaler_active = None if scaler_scale is None else _scaler_active(scaler_scale, b)
         may_clip = self.policy.scales_global and self.clipping_allowed
-        # (a driving GradScaler's skips are told apart where the verdict is read anyway: on a CPU)
-        need_finite = self.skip_nonfinite or scaler is not None or (driven is not None and b.step_fn.reads_free)
-        if scaler is not None:
-            owner_scale = scaler.get_scale
-        elif driven is not None:
-            owner_scale = driven.item
-        else:
-            owner_scale = None
         if self._log_step and b.pipeline.ceiling is not None:
             self._refresh_ceiling(b, optimizer if optimizer is not None else ceiling_from)
-        if b.step_fn.reads_free and loss_scale is None and self._plain(b, grads):
+        if b.step_fn.reads_free and loss_scale is None and scaler_active is None and self._plain(b, grads):
             # A CPU device: the step reads the norms itself (most steps once each, as floats, the rest later).
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
             scale, finite, sq = b.step_fn.from_norms(norms, b.param_to_layer, b.has_t, need_scale=may_clip,
-                                                     need_finite=need_finite, now=self._log_step)
+                                                     need_finite=self.skip_nonfinite, now=self._log_step)
             layer_sq = None if sq is None else torch.from_numpy(sq)
         else:
             layer_sq = self._layer_sq(b, grads)
             if loss_scale is not None:  # still multiplied by a GradScaler's loss scale: measure them unscaled
                 layer_sq = layer_sq / loss_scale.detach().to(layer_sq).square()
-            scale, finite = b.step_fn(layer_sq, b.has_t)
+            scale, finite = b.step_fn(layer_sq, b.has_t, scaler_active)
         weights = None  # a log step's sample of the weights before the update
         if self._log_step:
             unscale = 1.0 if loss_scale is None else 1.0 / float(loss_scale)  # (a log step reads the host)
             self._sums, weights = _snapshots.measure(b, grads, layer_sq, self.histograms, unscale)
         if self.policy.unitwise is not None and self.clipping_allowed:
             self._clip_unitwise(b, grads, loss_scale)
-        read = False  # whether the verdict was read on the host
         if b.step_fn.reads_free:
             # A CPU device: the verdict is already a Python float; multiply by a float, only when clipping.
-            self._set_gate("host read (cpu)" if need_finite else "none")
-            read = need_finite
-            if need_finite and finite == 0.0:
-                return self._nonfinite(b, grads, owner_scale, scaler_checks_next)
+            self._set_gate("host read (cpu)" if self.skip_nonfinite else "none")
+            if self.skip_nonfinite and finite == 0.0:
+                return self._skip(b, grads, scaler_checks_next)
             if may_clip and scale < 1.0:
                 torch._foreach_mul_(grads, scale)
         elif self.skip_nonfinite and not self._log_step and _takes_found_inf(optimizer):
@@ -396,23 +386,19 @@ class TorchEngine:
             self._set_gate("optimizer")
             self._hand_to(optimizer, 1.0 - finite, 1.0 / scale if may_clip else None)
             self._norm_stats.restore_where(finite)
-        elif need_finite:
+        elif self.skip_nonfinite:
             # The one host read of a non-log step (GradScaler's gate): 0 = non-finite, 1 = finite,
             # 2 = finite and to be clipped; so the clipping pass runs only when it changes something.
             self._set_gate("host read")
-            read = True
             verdict = int(finite * (1.0 + (scale < 1.0).float()))
             if verdict == 0:
-                return self._nonfinite(b, grads, owner_scale, scaler_checks_next)
+                return self._skip(b, grads, scaler_checks_next)
             if verdict == 2 and may_clip:
                 torch._foreach_mul_(grads, scale.to(torch.float32))
         elif may_clip and not self._log_step and _takes_found_inf(optimizer):
             self._hand_to(optimizer, None, 1.0 / scale)  # the fused kernel scales: no extra pass
         elif may_clip:  # no host read allowed: scale unconditionally (by 1 while not clipping)
             torch._foreach_mul_(grads, scale.to(torch.float32))
-        if driven is not None and not read:
-            # The verdict stayed on the device: count the scaler's own skips there (read on log steps).
-            self._owned_skips = self._owned_skips + (1.0 - finite) * (driven.detach() > 1.0).to(finite)
         if self._sums is not None and self.measure_updates:
             self._update = _snapshots.UpdateSample(b, weights)
         return True
@@ -443,20 +429,6 @@ class TorchEngine:
             self._gates_logged.add(gate)
             logging.getLogger("gradguard").debug("gradguard: non-finite gate: %s", gate)
         self.gate = gate
-
-    def _nonfinite(self, b: _Built, grads, owner_scale: Callable[[], float] | None,
-                   scaler_checks_next: bool) -> bool:
-        """A step with non-finite gradients: the loss scaler's own skip (see ``before_step``;
-        ``owner_scale`` reads its scale), else skipped here (``skip_nonfinite``) or let through."""
-        if owner_scale is not None and float(owner_scale()) > 1.0:
-            # The scaler found them non-finite too and skips the step: leave it the gradients as they
-            # are (and the normalization statistics, as without gradguard); no snapshot of them.
-            b.pipeline.note_loss_scale_skip()
-            self._sums = self._update = None
-            return False
-        if not self.skip_nonfinite:
-            return True
-        return self._skip(b, grads, scaler_checks_next)
 
     def _skip(self, b: _Built, grads, scaler_checks_next: bool = False) -> bool:
         if scaler_checks_next:
@@ -547,15 +519,12 @@ class TorchEngine:
         return self._observe(None, host=host)
 
     def _host_state(self) -> dict[str, np.ndarray]:
-        if torch.is_tensor(self._owned_skips):  # (read with the state, where a host read is allowed)
-            self._built.pipeline.loss_scale_unplaced = int(round(float(self._owned_skips)))
         return self._built.step_fn.host()  # one copy to the host
 
     def _observe(self, snap, report: bool = True, host: dict | None = None) -> Decision:
         b = self._built
         host = self._host_state() if host is None else host
         decision, fresh = b.pipeline.observe(host, last_step=b.pipeline.step - 1, snapshot=snap, report=report)
-        self._owned_skips = 0.0  # (judged with this window)
         written = {k: fresh[k] for k in stats.window_keys()}
         if decision.enable_clipping and b.pipeline.latch is not None:
             written[b.pipeline.latch] = np.float32(1.0)
@@ -571,8 +540,6 @@ class TorchEngine:
         if self._built is None:
             return dict(self._pending or {})
         b = self._built
-        if torch.is_tensor(self._owned_skips):
-            b.pipeline.loss_scale_unplaced = int(round(float(self._owned_skips)))
         return b.pipeline.state_dict({k: v.detach().cpu().clone() for k, v in b.state.items()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -597,6 +564,19 @@ class TorchEngine:
         else:
             for s in self._sinks:
                 s.close()
+
+
+def _scale_of(scaler: Any) -> torch.Tensor:
+    """A ``GradScaler``'s current loss scale as a tensor (``_scale``, on its device: no host read)."""
+    scale = getattr(scaler, "_scale", None)
+    return scale if torch.is_tensor(scale) else torch.tensor(float(scaler.get_scale()))
+
+
+def _scaler_active(scale: torch.Tensor, b: _Built) -> Any:
+    """``device_step``'s ``scaler_active``: 1.0 where the loss scale is above 1 (an overflow there is
+    the scaler's to skip), on the step's device; a Python float on a CPU, where reading is free."""
+    active = (scale.detach() > 1.0).to(device=b.device, dtype=torch.float32)
+    return float(active) if b.step_fn.reads_free else active
 
 
 def _takes_found_inf(optimizer) -> bool:

@@ -116,17 +116,20 @@ class NumpyStep:
             self._has = (has_t, has_t.numpy().astype(np.float32))
         return self._has[1]
 
-    def __call__(self, layer_sq: torch.Tensor | np.ndarray, has_t: torch.Tensor) -> tuple[float, float]:
+    def __call__(self, layer_sq: torch.Tensor | np.ndarray, has_t: torch.Tensor,
+                 scaler_active: float | None = None) -> tuple[float, float]:
         has = self._has_np(has_t)
         sq = layer_sq.numpy() if torch.is_tensor(layer_sq) else layer_sq
         if self._defer is not None:
             verdict = self._verdict(sq)
-            if verdict is not None:
+            # (a non-finite step under a loss scaler runs now: the waiting steps' batch knows no scaler)
+            if verdict is not None and (verdict[1] > 0 or not scaler_active):
                 self._wait((sq, has))
                 return verdict
             self._flush()
+        active = None if scaler_active is None else np.float32(scaler_active)
         scale, finite, self._state_now = stats.device_step(self._state_now, sq, has, self._policy,
-                                                           fast_numpy_ops, self._tracker)
+                                                           fast_numpy_ops, self._tracker, active)
         return float(scale), float(finite)
 
     def from_norms(self, norms: list[torch.Tensor], layers: ParamToLayer, has_t: torch.Tensor, *,
@@ -283,13 +286,14 @@ class TorchStep:
             compile_after = None
         self._compile_after = compile_after
 
-    def _eager(self, state, layer_sq, has):
-        return stats.device_step(state, layer_sq, has, self._policy, torch_ops, self._tracker)
+    def _eager(self, state, layer_sq, has, scaler_active=None):
+        return stats.device_step(state, layer_sq, has, self._policy, torch_ops, self._tracker, scaler_active)
 
-    def _compile(self, state, layer_sq, has) -> None:
+    def _compile(self, state, layer_sq, has, scaler_active) -> None:
         try:
             fn = torch.compile(self._eager, dynamic=False, fullgraph=True)
-            fn({k: v.clone() for k, v in state.items()}, layer_sq.clone(), has.clone())  # compile, on copies
+            fn({k: v.clone() for k, v in state.items()}, layer_sq.clone(), has.clone(),
+               None if scaler_active is None else scaler_active.clone())  # compile, on copies
             self._compiled = fn
             self.path = "compiled"
             log.debug("gradguard: the per-step bookkeeping runs compiled (torch.compile)")
@@ -298,24 +302,25 @@ class TorchStep:
             log.debug("gradguard: torch.compile of the per-step bookkeeping failed (%s: %s); it stays eager",
                       type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
-    def __call__(self, layer_sq: torch.Tensor, has_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, layer_sq: torch.Tensor, has_t: torch.Tensor,
+                 scaler_active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._steps += 1
         fn = self._compiled
         if fn is None:
             if self._compile_after is not None and self._thread is None and self._steps > self._compile_after:
                 self.path = "eager (compiling)"
-                self._thread = threading.Thread(target=self._compile, args=(self._state, layer_sq, has_t),
+                self._thread = threading.Thread(target=self._compile, args=(self._state, layer_sq, has_t, scaler_active),
                                                 name="gradguard-compile", daemon=True)
                 self._thread.start()
             fn = self._eager
         try:
-            scale, finite, self._state = fn(self._state, layer_sq, has_t)
+            scale, finite, self._state = fn(self._state, layer_sq, has_t, scaler_active)
         except Exception as e:  # a compiled step that fails later (a recompile): eager from now on
             if fn is self._eager:
                 raise
             log.debug("gradguard: the compiled per-step bookkeeping failed (%s); eager from now on", type(e).__name__)
             self._compiled, self._compile_after, self.path = None, None, "eager"
-            scale, finite, self._state = self._eager(self._state, layer_sq, has_t)  # (the step is pure)
+            scale, finite, self._state = self._eager(self._state, layer_sq, has_t, scaler_active)  # (pure)
         return scale, finite
 
     def wait_compiled(self, timeout: float | None = None) -> str:

@@ -322,6 +322,7 @@ def per_step_record(parts: Sequence[tuple[int, np.ndarray]], skip_nonfinite: boo
         "clipped": ((flags & stats.FLAG_CLIPPED) > 0).astype(int).tolist(),
         "spike": ((flags & stats.FLAG_SPIKE) > 0).astype(int).tolist(),
         "explosion": ((flags & stats.FLAG_EXPLOSION) > 0).astype(int).tolist(),
+        "loss_scale_skipped": ((flags & stats.FLAG_SCALER_SKIP) > 0).astype(int).tolist(),
     }
 
 

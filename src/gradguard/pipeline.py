@@ -248,8 +248,6 @@ class Pipeline:
         # by the adapter from its optimizer; None where the update does not scale with the gradient.
         self.optimizer_gain: float | None = None
         self.step = 0  # optimizer steps seen, skipped ones included
-        self.loss_scale_skips: list[int] = []  # steps of this window a loss scaler skipped itself
-        self.loss_scale_unplaced = 0  # more of them, counted on the device (their steps unknown)
 
     # -------------------------------------------------------------- per step
 
@@ -270,20 +268,13 @@ class Pipeline:
     def snapshot(self, sums: LayerSums) -> stats.Snapshot:
         return snapshot_from_sums(self.layers, sums)
 
-    def note_loss_scale_skip(self, step: int | None = None) -> None:
-        """``step`` (default: the current one), measured non-finite, is skipped by the host's loss
-        scaler itself (fp16's GradScaler: an overflow at a loss scale above 1); the window counts it
-        apart (``WindowStats.without_loss_scale_skips``), not as a non-finite step."""
-        self.loss_scale_skips.append(int(self.step if step is None else step))
-
     # -------------------------------------------------------------- the window read
 
     def window(self, host_state: Mapping[str, Any] | np.ndarray, last_step: int) -> stats.WindowStats:
         """The window measured since the last log step, from the host copy of the state (a dict or
         the packed vector)."""
         state = self.layout.unpack_np(host_state) if isinstance(host_state, np.ndarray) else host_state
-        return stats.WindowStats.from_state(state, last_step=last_step).without_loss_scale_skips(
-            self.loss_scale_skips, self.loss_scale_unplaced)
+        return stats.WindowStats.from_state(state, last_step=last_step)
 
     def observe(self, host_state: Mapping[str, Any] | np.ndarray, last_step: int,
                 snapshot: stats.Snapshot | None = None, report: bool = True,
@@ -300,8 +291,6 @@ class Pipeline:
         if not commit:
             return self.monitor.peek(window, snapshot), state
         decision = self.monitor.observe(window, snapshot, report=report)
-        self.loss_scale_skips = [s for s in self.loss_scale_skips if s > last_step]
-        self.loss_scale_unplaced = 0
         state.update(stats.reset_window(self.n_layers))
         if decision.enable_clipping and self.latch is not None:
             state[self.latch] = np.float32(1.0)
@@ -331,8 +320,6 @@ class Pipeline:
             "numel": [int(l.numel) for l in self.layers],
             "policy": self.policy.name,
             "step_count": int(self.step),
-            "loss_scale_skips": list(self.loss_scale_skips),
-            "loss_scale_unplaced": int(self.loss_scale_unplaced),
             "device_state": dict(device_state),
             "monitor": self.monitor.state_dict(),
             **extra,
@@ -389,8 +376,6 @@ class Pipeline:
                                         for step, row in monitor_state.get("history", [])]
         self.monitor.load_state_dict(monitor_state)
         self.step = int(saved["step_count"])
-        self.loss_scale_skips = [int(s) for s in saved.get("loss_scale_skips", [])]
-        self.loss_scale_unplaced = int(saved.get("loss_scale_unplaced", 0))
         return state
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -63,7 +63,7 @@ SUM_NORM, OK_STEPS, NONFINITE, ZERO = range(4)  # rows of acc_sum: summed norm, 
 CLIPPED, SPIKES, EXPLOSIONS = range(3)  # acc_count
 FIRST_NONFINITE, FIRST_SPIKE, FIRST_EXPLOSION = range(3)  # acc_first: index in the window, -1 for none
 _WINDOW_KEYS = ("acc_sum", "acc_max", "acc_min", "acc_last", "acc_steps", "acc_count", "acc_first",
-                "acc_max_jump", "acc_scale_min", "acc_max_run")
+                "acc_max_jump", "acc_scale_min", "acc_max_run", "acc_scaler_skips")
 
 
 def reset_window(n_layers: int) -> dict[str, np.ndarray]:
@@ -79,6 +79,7 @@ def reset_window(n_layers: int) -> dict[str, np.ndarray]:
         "acc_first": np.full(3, -1.0, np.float32),
         "acc_max_jump": np.float32(0),
         "acc_scale_min": np.float32(1),
+        "acc_scaler_skips": np.float32(0),
         "acc_max_run": np.float32(0),
     }
 
@@ -92,7 +93,7 @@ def window_keys() -> tuple[str, ...]:
 # host read; the rows come to the host with the window on log steps). Not part of the window: it
 # is never reset, the window's step count says which rows are the window's.
 TRACE_NORM, TRACE_THRESHOLD, TRACE_SCALE, TRACE_FLAGS = range(4)  # columns
-FLAG_NONFINITE, FLAG_CLIPPED, FLAG_SPIKE, FLAG_EXPLOSION = 1, 2, 4, 8  # bits of the flags column
+FLAG_NONFINITE, FLAG_CLIPPED, FLAG_SPIKE, FLAG_EXPLOSION, FLAG_SCALER_SKIP = 1, 2, 4, 8, 16  # flags bits
 TRACE_SIZE = 256
 
 
@@ -133,10 +134,12 @@ def policy_keys(state: Mapping[str, Any]) -> list[str]:
     return [k for k in state if k.startswith(POLICY_PREFIX)]
 
 
-def _track(s: dict[str, Any], gnorm: Any, finite: Any, xp, tracker: TrackerConfig) -> tuple[Any, ...]:
+def _track(s: dict[str, Any], gnorm: Any, finite: Any, xp, tracker: TrackerConfig,
+           scaler_skip: Any = None) -> tuple[Any, ...]:
     """The spike tracker's part of one step (its ``trk_*`` fields and ``acc_max_run`` in ``s``, moved
     in place). Returns ``(spike, explosion, jump, overflow, level, spread)``: level and spread (log
-    space) as they were before this step."""
+    space) as they were before this step. ``scaler_skip``: 1.0 on a non-finite step a loss scaler
+    skips itself, which is no overflow of the run's own."""
     # Spike tracker on log(norm): scale-free, so one rule serves every model size.
     count, mean, var = s["trk_count"], s["trk_mean"], s["trk_var"]
     usable = finite * xp.asfloat(gnorm > 0.0)
@@ -151,7 +154,8 @@ def _track(s: dict[str, Any], gnorm: Any, finite: Any, xp, tracker: TrackerConfi
     elevated = xp.asfloat(jump >= 0.5 * math.log(tracker.spike_factor)) * unusual
     run = (s["trk_run"] + 1.0) * elevated
     run_spike = xp.maximum(s["trk_run_spike"] * elevated, spike)
-    overflow = (1.0 - finite) * xp.asfloat(s["trk_since_spike"] < 2.0)
+    nonfinite = 1.0 - finite if scaler_skip is None else 1.0 - finite - scaler_skip
+    overflow = nonfinite * xp.asfloat(s["trk_since_spike"] < 2.0)
     explosion = xp.maximum(xp.maximum(xp.asfloat(run * run_spike >= tracker.explosion_steps), overflow),
                            spike * xp.asfloat(jump >= math.log(tracker.isolated_factor)))
     s["trk_run"], s["trk_run_spike"] = run, run_spike
@@ -173,13 +177,17 @@ def _track(s: dict[str, Any], gnorm: Any, finite: Any, xp, tracker: TrackerConfi
 
 
 def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: ClipPolicy, xp,
-                tracker: TrackerConfig = TrackerConfig()) -> tuple[Any, Any, dict[str, Any]]:
+                tracker: TrackerConfig = TrackerConfig(), scaler_active: Any = None
+                ) -> tuple[Any, Any, dict[str, Any]]:
     """One optimizer step's bookkeeping. ``layer_sq``: per-layer sum of squared gradients (L,);
-    ``has_grad``: 1.0 for layers that received a gradient this step, else 0.0 (L,).
+    ``has_grad``: 1.0 for layers that received a gradient this step, else 0.0 (L,);
+    ``scaler_active``: 1.0 (0-d) when a loss scaler skips a non-finite step itself at this step
+    (fp16's GradScaler at a scale above 1: an overflow is its routine), None or 0.0 otherwise.
 
     Returns ``(scale, finite, new_state)``: multiply the gradients by ``scale`` (1 when not
     clipping); ``finite`` is 1.0 when every gradient is finite. A non-finite step leaves the
-    tracker and the policy untouched.
+    tracker and the policy untouched; one the loss scaler skips is counted apart
+    (``acc_scaler_skips``, ``FLAG_SCALER_SKIP``), not as a non-finite step of the run's own.
     """
     s = dict(state)
     ones = has_grad[:1] * 0.0 + 1.0
@@ -190,13 +198,18 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     ok = xp.asfloat(ok_mask)
     clean = xp.where(ok_mask, norms, 0.0)
     gnorm, finite = clean[-1], ok[-1]
+    nonfinite, layer_nonfinite, scaler_skip = 1.0 - finite, has - ok, None
+    if scaler_active is not None:  # the scaler's skip is not a non-finite step of the run's own
+        scaler_skip = nonfinite * scaler_active
+        nonfinite = nonfinite - scaler_skip
+        layer_nonfinite = layer_nonfinite * (1.0 - scaler_skip)
 
-    s["acc_sum"] = s["acc_sum"] + xp.stack([clean, ok, has - ok, xp.asfloat(clean == 0.0) * ok])
+    s["acc_sum"] = s["acc_sum"] + xp.stack([clean, ok, layer_nonfinite, xp.asfloat(clean == 0.0) * ok])
     s["acc_max"] = xp.maximum(s["acc_max"], clean)
     s["acc_min"] = xp.where(ok_mask, xp.minimum(s["acc_min"], clean), s["acc_min"])
     s["acc_last"] = norms * has
 
-    spike, explosion, jump, overflow, mean, sigma = _track(s, gnorm, finite, xp, tracker)
+    spike, explosion, jump, overflow, mean, sigma = _track(s, gnorm, finite, xp, tracker, scaler_skip)
 
     # Clipping policy; its state only moves on finite steps.
     n = len(POLICY_PREFIX)
@@ -213,14 +226,18 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
         s[latch] = xp.maximum(s[latch], overflow)
 
     index = s["acc_steps"]
-    events = xp.stack([1.0 - finite, spike, explosion])
+    events = xp.stack([nonfinite, spike, explosion])
     s["acc_first"] = xp.where((events > 0) & (s["acc_first"] < 0), index, s["acc_first"])
     s["acc_count"] = s["acc_count"] + xp.stack([clip, spike, explosion])
     s["acc_max_jump"] = xp.maximum(s["acc_max_jump"], jump)
     s["acc_scale_min"] = xp.minimum(s["acc_scale_min"], scale)
     s["acc_steps"] = index + 1.0
+    if scaler_skip is not None and "acc_scaler_skips" in s:  # (states saved before it have none)
+        s["acc_scaler_skips"] = s["acc_scaler_skips"] + scaler_skip
     if "trace" in s:  # (states saved before the trace existed have none)
-        flags = (1.0 - finite) * FLAG_NONFINITE + clip * FLAG_CLIPPED + spike * FLAG_SPIKE + explosion * FLAG_EXPLOSION
+        flags = nonfinite * FLAG_NONFINITE + clip * FLAG_CLIPPED + spike * FLAG_SPIKE + explosion * FLAG_EXPLOSION
+        if scaler_skip is not None:
+            flags = flags + scaler_skip * FLAG_SCALER_SKIP
         row = xp.stack([norms[-1], s["threshold"], scale, flags])
         s["trace"] = xp.concat([s["trace"][1:], row[None]])
     return scale, finite, s
@@ -334,30 +351,9 @@ class WindowStats:
     # flags: FLAG_* bits). ``trace_first_step`` is the optimizer step of the first row.
     trace: np.ndarray | None = None
     trace_first_step: int | None = None
-    # Non-finite steps that a loss scaler (fp16's GradScaler) skipped itself, taken out of the
-    # non-finite counts above (``without_loss_scale_skips``).
+    # Non-finite steps a loss scaler (fp16's GradScaler) skipped itself: not in the non-finite
+    # counts above (``device_step``'s ``scaler_active``).
     loss_scale_skipped: int = 0
-
-    def without_loss_scale_skips(self, steps: Iterable[int], unplaced: int = 0) -> "WindowStats":
-        """This window with the non-finite ``steps`` that a loss scaler skipped itself (an fp16
-        overflow: the GradScaler drops the step and lowers its scale, its routine while the scale
-        settles) counted apart, in ``loss_scale_skipped``, not as non-finite steps; ``unplaced``:
-        more such steps, counted on the device, whose steps are not known. The per-layer counts
-        lose one per such step (each gave a layer at most one)."""
-        steps = sorted({int(s) for s in steps if self.first_step <= s <= self.last_step})
-        k = min(len(steps) + int(unplaced), self.nonfinite_steps)
-        if k == 0:
-            return self
-        left = self.nonfinite_steps - k
-        first = self.first_nonfinite_step if left else None
-        if left and first in steps:  # the first of the others, from the per-step trace where it reaches
-            flagged = ([] if self.trace is None else
-                       [self.trace_first_step + i for i, f in enumerate(self.trace[:, 3]) if int(f) & FLAG_NONFINITE])
-            first = next((s for s in flagged if s not in steps), first)
-        return dataclasses.replace(
-            self, nonfinite_steps=left, first_nonfinite_step=first,
-            layer_nonfinite=np.maximum(self.layer_nonfinite - k, 0) if left else np.zeros_like(self.layer_nonfinite),
-            loss_scale_skipped=self.loss_scale_skipped + k)
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], last_step: int) -> "WindowStats":
@@ -367,6 +363,7 @@ class WindowStats:
         acc = st["acc_sum"]
         lsteps = acc[OK_STEPS, :-1]
         finite_steps = int(round(acc[OK_STEPS, -1]))
+        scaler_skips = int(round(float(st["acc_scaler_skips"]))) if "acc_scaler_skips" in st else 0
 
         def step_of(i):
             v = float(st["acc_first"][i])
@@ -397,7 +394,8 @@ class WindowStats:
             global_norm_min=float(st["acc_min"][-1]) if finite_steps else math.nan,
             global_norm_max=float(st["acc_max"][-1]) if finite_steps else math.nan,
             global_norm_last=float(st["acc_last"][-1]),
-            nonfinite_steps=steps - finite_steps,
+            nonfinite_steps=steps - finite_steps - scaler_skips,
+            loss_scale_skipped=scaler_skips,
             first_nonfinite_step=step_of(FIRST_NONFINITE),
             clipped_steps=int(round(float(st["acc_count"][CLIPPED]))),
             min_scale=float(st["acc_scale_min"]),

@@ -31,7 +31,7 @@ from gradguard.monitor import warn_user
 from gradguard.options import Options, pop_wandb
 from gradguard.sinks import LogRecord, Sink, make_sinks
 from gradguard.torch import TorchEngine
-from gradguard.torch._optim import unwrap as unwrap_optimizer
+from gradguard.torch._optim import scaler_scale, unwrap as unwrap_optimizer
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -439,12 +439,10 @@ def _scaler(trainer: Any) -> Any:
 def _pending_loss_scale(trainer: Any, optimizer: Any) -> torch.Tensor | None:
     """Under a ``GradScaler`` (16-mixed) Lightning unscales the gradients before this hook, except for
     an optimizer that unscales inside its own kernel (``fused=True``): its gradients are still
-    multiplied by the scaler's scale here, so the engine is given that scale to measure them unscaled.
-    (``GradScaler`` keeps it in ``_scale``; ``get_scale()`` would wait for the device.)"""
+    multiplied by the scaler's scale here, so the engine is given that scale to measure them unscaled."""
     scaler = _scaler(trainer)
     if scaler is None:
         return None
     if not getattr(unwrap_optimizer(optimizer), "_step_supports_amp_scaling", False):
         return None  # unscaled already (GradScaler.unscale_ ran before this hook)
-    scale = getattr(scaler, "_scale", None)
-    return scale if torch.is_tensor(scale) else torch.tensor(float(scaler.get_scale()))
+    return scaler_scale(scaler)

@@ -347,7 +347,7 @@ class TorchEngine:
         if not grads:
             return True
         scaler_checks_next = loss_scale is not None  # a host's scaler, yet to check the gradients
-        scaler_scale = _scale_of(scaler) if scaler is not None else None
+        scaler_scale = _optim.scaler_scale(scaler) if scaler is not None else None
         if loss_scale is None:
             loss_scale = self._loss_scale_of(optimizer)
             if scaler_scale is None:
@@ -564,12 +564,6 @@ class TorchEngine:
         else:
             for s in self._sinks:
                 s.close()
-
-
-def _scale_of(scaler: Any) -> torch.Tensor:
-    """A ``GradScaler``'s current loss scale as a tensor (``_scale``, on its device: no host read)."""
-    scale = getattr(scaler, "_scale", None)
-    return scale if torch.is_tensor(scale) else torch.tensor(float(scaler.get_scale()))
 
 
 def _scaler_active(scale: torch.Tensor, b: _Built) -> Any:

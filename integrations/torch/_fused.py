@@ -309,7 +309,8 @@ class TorchStep:
         if fn is None:
             if self._compile_after is not None and self._thread is None and self._steps > self._compile_after:
                 self.path = "eager (compiling)"
-                self._thread = threading.Thread(target=self._compile, args=(self._state, layer_sq, has_t, scaler_active),
+                self._thread = threading.Thread(target=self._compile,
+                                                args=(self._state, layer_sq, has_t, scaler_active),
                                                 name="gradguard-compile", daemon=True)
                 self._thread.start()
             fn = self._eager

@@ -23,6 +23,13 @@ def unwrap(optimizer):
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
+def scaler_scale(scaler) -> torch.Tensor:
+    """A ``GradScaler``'s current loss scale as a tensor: ``_scale``, on its device (``get_scale()``
+    would wait for the device), or the initial scale before its first ``scale()``."""
+    scale = getattr(scaler, "_scale", None)
+    return scale if torch.is_tensor(scale) else torch.tensor(float(scaler.get_scale()))
+
+
 def optimizer_gain(optimizer) -> float | None:
     """``clipping.sgd_gain`` of a ``torch.optim.SGD`` (the largest over its parameter groups: the ceiling
     then holds for every group); None for every other optimizer: Adam-like ones normalise the

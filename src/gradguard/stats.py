@@ -232,7 +232,7 @@ def device_step(state: Mapping[str, Any], layer_sq: Any, has_grad: Any, policy: 
     s["acc_max_jump"] = xp.maximum(s["acc_max_jump"], jump)
     s["acc_scale_min"] = xp.minimum(s["acc_scale_min"], scale)
     s["acc_steps"] = index + 1.0
-    if scaler_skip is not None and "acc_scaler_skips" in s:  # (states saved before it have none)
+    if scaler_skip is not None:
         s["acc_scaler_skips"] = s["acc_scaler_skips"] + scaler_skip
     if "trace" in s:  # (states saved before the trace existed have none)
         flags = nonfinite * FLAG_NONFINITE + clip * FLAG_CLIPPED + spike * FLAG_SPIKE + explosion * FLAG_EXPLOSION
@@ -363,7 +363,7 @@ class WindowStats:
         acc = st["acc_sum"]
         lsteps = acc[OK_STEPS, :-1]
         finite_steps = int(round(acc[OK_STEPS, -1]))
-        scaler_skips = int(round(float(st["acc_scaler_skips"]))) if "acc_scaler_skips" in st else 0
+        scaler_skips = int(round(float(st["acc_scaler_skips"])))
 
         def step_of(i):
             v = float(st["acc_first"][i])

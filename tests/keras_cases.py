@@ -760,6 +760,55 @@ def case_pure_look():
     return {"plain": run(False), "peeked": run(True)}
 
 
+def case_async_dispatch():
+    """Keras runs batch ends on worker threads when every callback is ``async_safe`` (JAX, torch):
+    the same records, findings, totals and epoch logs as a fit whose batch ends run in order on
+    the fit's thread (forced by a batch callback that is not async-safe). A NaN batch, a
+    vanishing net and a stop in the middle of the last epoch; on JAX also steps_per_execution."""
+    import threading
+
+    x, y = _poisoned(3 * BATCH + 1)
+
+    def run(async_ok, spe=1):
+        rec = RecordingSink()
+        norms = []
+
+        class Norms(gradguard.Sink):
+            def log(self, record):
+                norms.append(record.scalars["grad/norm/global"])
+
+        model = compile_(mlp(10, "sigmoid", width=32, init="glorot_uniform"), keras.optimizers.SGD(0.1),
+                         steps_per_execution=spe)
+        cb = GradGuardCallback(log_every_n_steps=8, sinks=[rec, Norms()])
+        on_worker = []
+
+        class Spy(keras.callbacks.Callback):
+            async_safe = async_ok
+
+            def on_train_batch_end(self, batch, logs=None):
+                on_worker.append(threading.get_ident() != threading.main_thread().ident)
+
+        class StopMidEpoch(keras.callbacks.Callback):  # a batch-begin hook keeps dispatch asynchronous
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epoch = epoch
+
+            def on_train_batch_begin(self, batch, logs=None):
+                if self.epoch == 2 and batch >= 6:
+                    self.model.stop_training = True
+
+        h = model.fit(x, y, batch_size=BATCH, epochs=3, verbose=0, shuffle=False,
+                      callbacks=[cb, Spy(), StopMidEpoch()])
+        return {"on_worker": any(on_worker), "on_fit_thread": not all(on_worker), "sink_steps": rec.steps,
+                "sink_findings": rec.findings, "norms": norms, "findings": findings(cb), "totals": cb.totals,
+                "history": {k: v for k, v in _history(h).items() if k.startswith(("grad", "gradguard"))},
+                "iterations": int(model.optimizer.iterations.numpy())}
+
+    out = {"async": run(True), "sync": run(False)}
+    if BACKEND == "jax":
+        out["async_spe"], out["sync_spe"] = run(True, spe=4), run(False, spe=4)
+    return out
+
+
 def case_clip_change():
     """state_dict saved under clip="auto", resumed under another clip=: tracker, findings and
     totals carry, the new policy starts fresh, with a warning naming both."""

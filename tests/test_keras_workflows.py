@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # subprocesses: every Keras backend / several ran
 
 from keras_runner import BACKENDS, CaseRunner
 
-CASES = ["accumulation", "fine_tune", "other_model", "pure_look", "clip_change", "policies", "bn_skip",
+CASES = ["async_dispatch", "accumulation", "fine_tune", "other_model", "pure_look", "clip_change", "policies", "bn_skip",
          "lstm_names", "surface", "dead_units", "other_shapes", "own_optimizers"]
 _runner = CaseRunner({backend: CASES for backend in BACKENDS})
 
@@ -156,3 +156,24 @@ def test_a_train_step_with_optimizers_of_its_own_is_said_not_silently_unwatched(
         pytest.skip("JAX's stateless train_step: the case is written for TensorFlow and torch")
     assert r["trained"]  # the model did learn, through its own optimizer
     assert len(r["warnings"]) == 1 and "4 batches" in r["warnings"][0]
+
+
+@backends
+def test_batch_ends_dispatched_to_worker_threads_change_nothing(backend):
+    r = case(backend, "async_dispatch")
+    pairs = [("async", "sync")] + ([("async_spe", "sync_spe")] if backend == "jax" else [])
+    for a, s in pairs:
+        run, ref = r[a], r[s]
+        # Keras dispatches batch ends asynchronously only where its backend is thread-safe.
+        assert run["on_worker"] == (backend != "tensorflow")
+        assert not ref["on_worker"]
+        for key in ("sink_steps", "sink_findings", "norms", "findings", "totals", "history", "iterations"):
+            assert run[key] == ref[key], (a, key)
+        assert set(kinds(run["findings"])) >= {"nonfinite", "vanishing"}
+        assert run["totals"]["skipped"] == 3  # the NaN batch, once per epoch
+        # Stopped in the third epoch after 7 batches (12 in executions of 4); every step up to
+        # the stop is judged, the last in the epoch-end flush.
+        steps = 16 + 16 + (12 if a == "async_spe" else 7)
+        assert run["totals"]["steps"] == steps and run["iterations"] == steps - 3
+        assert run["sink_steps"][-1] == steps - 1
+        assert len(run["history"]["grad/norm/global"]) == 3

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = ["GradGuardCallback", "describe_model", "keras_ops"]
 _compat.check_keras_version()
 
 _LOGS_MODES = ("norms", "all", None)
+_WORKER_LOCK = threading.Lock()
 _KERAS_CLIP_ARGS = ("global_clipnorm", "clipnorm", "clipvalue")
 
 
@@ -85,6 +87,13 @@ class GradGuardCallback(keras.callbacks.Callback):
     ``state_dict()`` / ``load_state_dict()``.
     """
 
+    # Keras runs batch-end callbacks on a worker thread when every callback allows it (JAX and
+    # torch backends; a fit(verbose=0) with no other batch callback), so the fit loop never waits
+    # on a step's logs. gradguard allows it: its log step reads and writes the train step's state,
+    # which only the fit's own thread may do, so a batch whose end ran on a worker is accounted
+    # for when the next batch begins or the epoch ends (its scalars reach the epoch's logs).
+    async_safe = True
+
     def __init__(self, *, logs: str | None = "norms", **options: Any):
         super().__init__()
         self.options = Options.of("GradGuardCallback", options)
@@ -108,6 +117,8 @@ class GradGuardCallback(keras.callbacks.Callback):
         self._every = self.log_every_n_steps
         self._fit_step0 = self._fit_batches = self._epoch_batches = self._micro0 = 0
         self._accumulation = 0
+        self._fit_thread: int | None = None  # the thread that runs fit (batch ends may run elsewhere)
+        self._worker_batch = -1  # the last batch whose end ran on a worker thread, this epoch
         self._left_on_device: tuple[dict, int] | None = None
         self.trace_count = 0  # times the hooked step was traced (TF/JAX) or run (torch, eager)
 
@@ -160,6 +171,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         if optimizer is None:
             raise ValueError("GradGuardCallback needs a compiled model with an optimizer (model.optimizer is None)")
         self._start_fresh_if_other_model(model)
+        self._fit_thread = threading.get_ident()
         target = optimizer
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             target = optimizer.inner_optimizer  # unscaled gradients, only the steps the scaler applies
@@ -244,10 +256,27 @@ class GradGuardCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_batches = self._fit_batches
+        self._worker_batch = -1
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch > 0:  # the previous batch ends at batch - 1 (steps_per_execution included)
+            self._batch_done(int(batch) - 1, None)  # nothing left to do when its end ran here
 
     def on_train_batch_end(self, batch, logs=None):
-        self._fit_batches = self._epoch_batches + int(batch) + 1
-        done = self._fit_step0 + (self._micro0 + self._fit_batches) // max(self._accumulation, 1)
+        if threading.get_ident() != self._fit_thread:
+            with _WORKER_LOCK:  # dispatched asynchronously (workers may finish out of order)
+                self._worker_batch = max(self._worker_batch, int(batch))
+            return  # accounted for on the fit's thread
+        self._batch_done(int(batch), logs)
+
+    def _batch_done(self, batch: int, logs: dict | None) -> None:
+        """Count the optimizer steps up to the end of ``batch`` (of this epoch) and, if a log step
+        is among them, judge the window. Idempotent: a batch already counted changes nothing."""
+        batches = self._epoch_batches + batch + 1
+        if batches <= self._fit_batches:
+            return  # counted already
+        self._fit_batches = batches
+        done = self._fit_step0 + (self._micro0 + batches) // max(self._accumulation, 1)
         before, self._host_steps = self._host_steps, done
         if self.pipeline is None or done == before:
             return  # an accumulation micro-step: the optimizer did not step
@@ -258,6 +287,8 @@ class GradGuardCallback(keras.callbacks.Callback):
             logs.update(self._logs_scalars(record))
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._worker_batch >= 0:  # Keras waited for its workers before calling this
+            self._batch_done(self._worker_batch, None)
         self._observe()  # the steps since the last log step
         if logs is not None and self._last.record is not None:
             logs.update(self._logs_scalars(self._last.record))

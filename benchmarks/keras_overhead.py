@@ -17,8 +17,9 @@ Configurations:
   plain            model.fit, no callback
   keras_clipnorm   model.fit with Adam(global_clipnorm=1e6): Keras' own global-norm pass and scale
                    (never clips here), the reference for "one read of the gradients"
-  noop_batch_cb    a callback with an empty on_train_batch_end (on JAX this alone turns Keras'
-                   asynchronous callback dispatch off, which GradGuardCallback also does)
+  noop_batch_cb    a callback with an empty on_train_batch_end (on JAX and torch this alone turns
+                   Keras' asynchronous callback dispatch off; GradGuardCallback is async_safe and
+                   keeps it on)
   gradguard        GradGuardCallback() at its defaults (clip="auto", log every 50 steps,
                    skip non-finite steps)
   monitor_only     GradGuardCallback(clip=None, skip_nonfinite=False)

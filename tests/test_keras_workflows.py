@@ -177,3 +177,9 @@ def test_batch_ends_dispatched_to_worker_threads_change_nothing(backend):
         assert run["totals"]["steps"] == steps and run["iterations"] == steps - 3
         assert run["sink_steps"][-1] == steps - 1
         assert len(run["history"]["grad/norm/global"]) == 3
+        # Reading totals on every batch end: on the fit's thread the pending steps are judged; on a
+        # worker thread it reads what the last log step committed (the fit went on, unharmed).
+        spe = 4 if a == "async_spe" else 1
+        assert ref["seen"][:5] == [spe * k for k in range(1, 6)]
+        assert len(run["seen"]) == len(ref["seen"])
+        assert max(run["seen"]) <= steps

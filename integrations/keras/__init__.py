@@ -156,7 +156,9 @@ class GradGuardCallback(keras.callbacks.Callback):
         if self.pipeline is None:
             return [], {}
         hook = self._hook
-        if hook is not None and hook.state_var is not None:
+        # Off the fit's thread (an async_safe callback's batch end) the train step's state is the
+        # loop's alone (JAX donates its buffers): the results of the last log step, untouched.
+        if hook is not None and hook.state_var is not None and threading.get_ident() == self._fit_thread:
             _ = self.model  # on JAX this syncs the jitted step's state into the Variables
             state, step, _ = hook.read()
             decision_or_peek, _ = self.pipeline.observe(state, last_step=step - 1, commit=False)

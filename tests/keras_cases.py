@@ -765,7 +765,8 @@ def case_async_dispatch():
     the same records, findings, totals and epoch logs as a fit whose batch ends run in order on
     the fit's thread (forced by a batch callback that is not async-safe). A NaN batch, a
     vanishing net and a stop in the middle of the last epoch; on JAX also steps_per_execution.
-    The spy reads ``totals`` at every batch end, on a worker thread in the asynchronous fit."""
+    The spy reads ``totals`` and ``state_dict()`` at every batch end, on a worker thread in the
+    asynchronous fit."""
     import threading
 
     x, y = _poisoned(3 * BATCH + 1)
@@ -781,7 +782,7 @@ def case_async_dispatch():
         model = compile_(mlp(10, "sigmoid", width=32, init="glorot_uniform"), keras.optimizers.SGD(0.1),
                          steps_per_execution=spe)
         cb = GradGuardCallback(log_every_n_steps=8, sinks=[rec, Norms()])
-        on_worker, seen = [], []
+        on_worker, seen, saved = [], [], []
 
         class Spy(keras.callbacks.Callback):
             async_safe = async_ok
@@ -789,6 +790,7 @@ def case_async_dispatch():
             def on_train_batch_end(self, batch, logs=None):
                 on_worker.append(threading.get_ident() != threading.main_thread().ident)
                 seen.append(cb.totals.get("steps", 0))  # on a worker: the last log step's (JAX donates the state)
+                saved.append(cb.state_dict().get("step_count", 0))
 
         class StopMidEpoch(keras.callbacks.Callback):  # a batch-begin hook keeps dispatch asynchronous
             def on_epoch_begin(self, epoch, logs=None):
@@ -803,7 +805,8 @@ def case_async_dispatch():
         return {"on_worker": any(on_worker), "on_fit_thread": not all(on_worker), "sink_steps": rec.steps,
                 "sink_findings": rec.findings, "norms": norms, "findings": findings(cb), "totals": cb.totals,
                 "history": {k: v for k, v in _history(h).items() if k.startswith(("grad", "gradguard"))},
-                "iterations": int(model.optimizer.iterations.numpy()), "seen": seen}
+                "iterations": int(model.optimizer.iterations.numpy()), "seen": seen,
+                "saved": saved}
 
     out = {"async": run(True), "sync": run(False)}
     if BACKEND == "jax":

@@ -183,3 +183,4 @@ def test_batch_ends_dispatched_to_worker_threads_change_nothing(backend):
         assert ref["seen"][:5] == [spe * k for k in range(1, 6)]
         assert len(run["seen"]) == len(ref["seen"])
         assert max(run["seen"]) <= steps
+        assert ref["saved"][:3] == [spe, 2 * spe, 3 * spe] and max(run["saved"]) <= steps

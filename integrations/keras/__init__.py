@@ -155,15 +155,23 @@ class GradGuardCallback(keras.callbacks.Callback):
     def _peek(self) -> tuple[list[Finding], dict[str, int]]:
         if self.pipeline is None:
             return [], {}
-        hook = self._hook
-        # Off the fit's thread (an async_safe callback's batch end) the train step's state is the
-        # loop's alone (JAX donates its buffers): the results of the last log step, untouched.
-        if hook is not None and hook.state_var is not None and threading.get_ident() == self._fit_thread:
-            _ = self.model  # on JAX this syncs the jitted step's state into the Variables
-            state, step, _ = hook.read()
+        live = self._read_live()
+        if live is not None:
+            state, step = live
             decision_or_peek, _ = self.pipeline.observe(state, last_step=step - 1, commit=False)
             return decision_or_peek
         return self.monitor.findings, dict(self.monitor.totals)
+
+    def _read_live(self) -> tuple[dict, int] | None:
+        """The train step's state now; None outside a fit, and off the fit's thread (an
+        ``async_safe`` callback's batch end), where the state belongs to the fit's loop (JAX
+        donates its buffers: syncing them from another thread crashed the fit)."""
+        hook = self._hook
+        if hook is None or hook.state_var is None or threading.get_ident() != self._fit_thread:
+            return None
+        _ = self.model  # on JAX this syncs the jitted step's state into the Variables
+        state, step, _ = hook.read()
+        return state, step
 
     # ------------------------------------------------------------------ fit lifecycle
 
@@ -374,9 +382,10 @@ class GradGuardCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint(self, state: dict, step: int) -> dict[str, Any]:
-        self.pipeline.step = int(step)
-        return self.pipeline.state_dict({k: np.asarray(v).tolist() for k, v in state.items()},
-                                        host_steps=int(self._host_steps))
+        saved = self.pipeline.state_dict({k: np.asarray(v).tolist() for k, v in state.items()},
+                                         host_steps=int(self._host_steps))
+        saved["step_count"] = int(step)  # the state's own step (the pipeline's is the fit thread's)
+        return saved
 
     def state_dict(self) -> dict[str, Any]:
         """The core's checkpoint (``gradguard.pipeline``): monitor (findings, detector state,
@@ -385,14 +394,10 @@ class GradGuardCallback(keras.callbacks.Callback):
         with the same EMA, findings and counters."""
         if self.pipeline is None:
             return dict(self._carry) if self._carry else {}
-        if self._hook is not None and self._hook.state_var is not None:
-            _ = self.model
-            state, step, _ = self._hook.read()
-        elif self._left_on_device is not None:
-            state, step = self._left_on_device
-        else:
+        live = self._read_live() or self._left_on_device  # off the fit's thread: the last log step's
+        if live is None:
             return {}
-        return self._checkpoint(state, step)
+        return self._checkpoint(*live)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s output at the next fit (on this or a rebuilt model:

@@ -154,8 +154,8 @@ def run_backend(args) -> dict:
         "cpu_min_ms": {c: 1e3 * min(p for _, p in v) for c, v in steady.items()},
         "paired_ratio": {c: statistics.median(a[0] / b[0] for a, b in zip(v, steady["plain"]))
                          for c, v in steady.items()},
-        # Against a fit that already has a per-batch callback (verbose=1's progress bar is one): on
-        # JAX any on_train_batch_end turns Keras' asynchronous callback dispatch off.
+        # Against a fit that already has a per-batch callback of the user's: on JAX and torch one
+        # that is not async_safe turns Keras' asynchronous callback dispatch off.
         "paired_ratio_vs_noop_cb": {c: statistics.median(a[0] / b[0] for a, b in zip(v, steady["noop_batch_cb"]))
                                     for c, v in steady.items()},
         "first_epoch_ms": {c: 1e3 * statistics.median(v) for c, v in first.items()},

@@ -782,7 +782,7 @@ def case_async_dispatch():
         model = compile_(mlp(10, "sigmoid", width=32, init="glorot_uniform"), keras.optimizers.SGD(0.1),
                          steps_per_execution=spe)
         cb = GradGuardCallback(log_every_n_steps=8, sinks=[rec, Norms()])
-        on_worker, seen, saved = [], [], []
+        on_worker, seen, saved, refused = [], [], [], []
 
         class Spy(keras.callbacks.Callback):
             async_safe = async_ok
@@ -790,7 +790,15 @@ def case_async_dispatch():
             def on_train_batch_end(self, batch, logs=None):
                 on_worker.append(threading.get_ident() != threading.main_thread().ident)
                 seen.append(cb.totals.get("steps", 0))  # on a worker: the last log step's (JAX donates the state)
-                saved.append(cb.state_dict().get("step_count", 0))
+                st = cb.state_dict()
+                if st:  # a whole log step's state: its totals and open window add up to its step count
+                    whole = st["monitor"]["totals"]["steps"] + float(st["device_state"]["acc_steps"])
+                    saved.append((st["step_count"], whole == st["step_count"] == st["host_steps"]))
+                    if on_worker[-1] and not refused:
+                        try:
+                            cb.load_state_dict(st)
+                        except RuntimeError as e:
+                            refused.append(str(e))
 
         class StopMidEpoch(keras.callbacks.Callback):  # a batch-begin hook keeps dispatch asynchronous
             def on_epoch_begin(self, epoch, logs=None):
@@ -806,7 +814,7 @@ def case_async_dispatch():
                 "sink_findings": rec.findings, "norms": norms, "findings": findings(cb), "totals": cb.totals,
                 "history": {k: v for k, v in _history(h).items() if k.startswith(("grad", "gradguard"))},
                 "iterations": int(model.optimizer.iterations.numpy()), "seen": seen,
-                "saved": saved}
+                "saved": saved, "refused": refused}
 
     out = {"async": run(True), "sync": run(False)}
     if BACKEND == "jax":

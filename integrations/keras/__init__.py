@@ -47,7 +47,9 @@ __all__ = ["GradGuardCallback", "describe_model", "keras_ops"]
 _compat.check_keras_version()
 
 _LOGS_MODES = ("norms", "all", None)
-_WORKER_LOCK = threading.Lock()
+# Held while the fit's thread counts steps or commits a log step, and while results are read: a
+# worker thread (an async_safe callback's batch end) never sees a half-committed log step.
+_LOCK = threading.RLock()
 _KERAS_CLIP_ARGS = ("global_clipnorm", "clipnorm", "clipvalue")
 
 
@@ -87,9 +89,9 @@ class GradGuardCallback(keras.callbacks.Callback):
     ``state_dict()`` / ``load_state_dict()``.
     """
 
-    # Keras runs batch-end callbacks on a worker thread when every callback allows it (JAX and
-    # torch backends; a fit(verbose=0) with no other batch callback), so the fit loop never waits
-    # on a step's logs. gradguard allows it: its log step reads and writes the train step's state,
+    # Keras runs batch-end callbacks on a worker thread when every callback passed to fit allows it
+    # (JAX and torch backends; its own progress bar and History count as allowing it), so the fit
+    # loop never waits on a step's logs. gradguard allows it: its log step reads and writes the train step's state,
     # which only the fit's own thread may do, so a batch whose end ran on a worker is accounted
     # for when the next batch begins or the epoch ends (its scalars reach the epoch's logs).
     async_safe = True
@@ -155,19 +157,23 @@ class GradGuardCallback(keras.callbacks.Callback):
     def _peek(self) -> tuple[list[Finding], dict[str, int]]:
         if self.pipeline is None:
             return [], {}
-        live = self._read_live()
-        if live is not None:
-            state, step = live
-            decision_or_peek, _ = self.pipeline.observe(state, last_step=step - 1, commit=False)
-            return decision_or_peek
-        return self.monitor.findings, dict(self.monitor.totals)
+        with _LOCK:
+            live = self._read_live()
+            if live is not None:
+                state, step = live
+                decision_or_peek, _ = self.pipeline.observe(state, last_step=step - 1, commit=False)
+                return decision_or_peek
+            return self.monitor.findings, dict(self.monitor.totals)
+
+    def _off_fit_thread(self) -> bool:
+        return self._hook is not None and threading.get_ident() != self._fit_thread
 
     def _read_live(self) -> tuple[dict, int] | None:
         """The train step's state now; None outside a fit, and off the fit's thread (an
         ``async_safe`` callback's batch end), where the state belongs to the fit's loop (JAX
         donates its buffers: syncing them from another thread crashed the fit)."""
         hook = self._hook
-        if hook is None or hook.state_var is None or threading.get_ident() != self._fit_thread:
+        if hook is None or hook.state_var is None or self._off_fit_thread():
             return None
         _ = self.model  # on JAX this syncs the jitted step's state into the Variables
         state, step, _ = hook.read()
@@ -226,7 +232,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         self.active_policy, apply_clip = self._policy_for(target)
         carry = self._carry
         if carry is None and self.pipeline is not None and self._left_on_device is not None:
-            carry = self._checkpoint(*self._left_on_device)
+            carry = self._checkpoint(*self._left_on_device, host_steps=self._host_steps)
         self.pipeline = pipeline.Pipeline(layout.layers, layout.facts, self.options, sinks=[self._last] + self._sinks,
                                           policy=self.active_policy, log_every_n_steps=self._every)
         device_state = self.pipeline.restore(carry) if carry else self.pipeline.initial_state()
@@ -274,7 +280,7 @@ class GradGuardCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if threading.get_ident() != self._fit_thread:
-            with _WORKER_LOCK:  # dispatched asynchronously (workers may finish out of order)
+            with _LOCK:  # dispatched asynchronously (workers may finish out of order)
                 self._worker_batch = max(self._worker_batch, int(batch))
             return  # accounted for on the fit's thread
         self._batch_done(int(batch), logs)
@@ -282,17 +288,18 @@ class GradGuardCallback(keras.callbacks.Callback):
     def _batch_done(self, batch: int, logs: dict | None) -> None:
         """Count the optimizer steps up to the end of ``batch`` (of this epoch) and, if a log step
         is among them, judge the window. Idempotent: a batch already counted changes nothing."""
-        batches = self._epoch_batches + batch + 1
-        if batches <= self._fit_batches:
-            return  # counted already
-        self._fit_batches = batches
-        done = self._fit_step0 + (self._micro0 + batches) // max(self._accumulation, 1)
-        before, self._host_steps = self._host_steps, done
-        if self.pipeline is None or done == before:
-            return  # an accumulation micro-step: the optimizer did not step
-        if not any(self.pipeline.is_log_step(s) for s in range(before, done)):
-            return
-        record = self._observe(report=self.pipeline.is_report_step(done - 1))
+        with _LOCK:
+            batches = self._epoch_batches + batch + 1
+            if batches <= self._fit_batches:
+                return  # counted already
+            self._fit_batches = batches
+            done = self._fit_step0 + (self._micro0 + batches) // max(self._accumulation, 1)
+            before, self._host_steps = self._host_steps, done
+            if self.pipeline is None or done == before:
+                return  # an accumulation micro-step: the optimizer did not step
+            if not any(self.pipeline.is_log_step(s) for s in range(before, done)):
+                return
+            record = self._observe(report=self.pipeline.is_report_step(done - 1))
         if record is not None and logs is not None:
             logs.update(self._logs_scalars(record))
 
@@ -338,6 +345,10 @@ class GradGuardCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ log steps
 
     def _observe(self, report: bool = True) -> LogRecord | None:
+        with _LOCK:
+            return self._observe_locked(report)
+
+    def _observe_locked(self, report: bool) -> LogRecord | None:
         hook = self._hook
         if hook is None or hook.state_var is None:
             return None
@@ -381,9 +392,9 @@ class GradGuardCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint(self, state: dict, step: int) -> dict[str, Any]:
+    def _checkpoint(self, state: dict, step: int, host_steps: int) -> dict[str, Any]:
         saved = self.pipeline.state_dict({k: np.asarray(v).tolist() for k, v in state.items()},
-                                         host_steps=int(self._host_steps))
+                                         host_steps=int(host_steps))
         saved["step_count"] = int(step)  # the state's own step (the pipeline's is the fit thread's)
         return saved
 
@@ -394,10 +405,16 @@ class GradGuardCallback(keras.callbacks.Callback):
         with the same EMA, findings and counters."""
         if self.pipeline is None:
             return dict(self._carry) if self._carry else {}
-        live = self._read_live() or self._left_on_device  # off the fit's thread: the last log step's
-        if live is None:
-            return {}
-        return self._checkpoint(*live)
+        with _LOCK:
+            live = self._read_live()
+            if live is not None:
+                return self._checkpoint(*live, host_steps=self._host_steps)
+            if self._left_on_device is None:
+                return {}
+            state, step = self._left_on_device
+            # Off the fit's thread during a fit: the last log step's state, counted to its own step
+            # (the fit's thread has counted further).
+            return self._checkpoint(state, step, host_steps=step if self._off_fit_thread() else self._host_steps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s output at the next fit (on this or a rebuilt model:
@@ -405,6 +422,9 @@ class GradGuardCallback(keras.callbacks.Callback):
         ``clip`` keeps tracker, findings and totals and starts the new policy fresh)."""
         if not state:
             return
+        if self._off_fit_thread():
+            raise RuntimeError("GradGuardCallback.load_state_dict during a fit must be called on the fit's thread "
+                               "(not from an async_safe callback's batch end, which Keras runs on a worker thread)")
         if state.get("version") not in (1, pipeline.CHECKPOINT_VERSION) or "device_state" not in state:
             raise ValueError(f"not a gradguard state dict (version {state.get('version')!r}, keys {sorted(state)[:6]})")
         self._carry = dict(state)

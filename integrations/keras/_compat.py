@@ -4,8 +4,10 @@ Keras 3 has no public hook for "the gradients of a training step", so the adapte
 few private attributes of the optimizer, the model and TensorFlow. Each access is one small
 function here, so a Keras upgrade is checked (and fixed) in this file only.
 
-Tested against Keras 3.15.1 (TensorFlow, JAX and torch backends). The ``keras`` extras allow
-``keras>=3.6,<3.16``; outside that range gradguard warns once at import.
+Tested against Keras 3.15.1 and 3.12.0 (TensorFlow, JAX and torch backends). The ``keras`` extras
+allow ``keras>=3.12,<3.16``; outside that range gradguard warns once at import. (Older Keras failed:
+3.6.0 refuses the Variables' ``aggregation="none"``; on JAX, 3.10.0 records the train step's sharding
+specs before gradguard's optimizer Variables exist (an IndexError; that code is gone from 3.12).)
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 
 import keras
 
-TESTED_KERAS = ("3.15.1",)
-SUPPORTED_RANGE = ((3, 6), (3, 16))  # [low, high)
+TESTED_KERAS = ("3.15.1", "3.12.0")
+SUPPORTED_RANGE = ((3, 12), (3, 16))  # [low, high)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

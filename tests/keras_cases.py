@@ -822,7 +822,26 @@ def case_async_dispatch():
     return out
 
 
-def case_clip_change():
+def case_partial_execution():
+    """steps_per_execution=3 over 10 batches an epoch: the last execution of each epoch is partial,
+    and Keras still names its end as batch 11. Steps are counted as the optimizer took them, across
+    epochs and into a second fit; every execution holding a report step reports."""
+    if BACKEND == "torch":
+        return {"skipped": True}  # Keras allows only steps_per_execution=1 on the torch backend
+    x, y = digits()
+    x, y = x[:10 * BATCH], y[:10 * BATCH]
+    rec = RecordingSink()
+    model = compile_(mlp(3, "relu"), keras.optimizers.SGD(0.05), steps_per_execution=3)
+    cb = GradGuardCallback(log_every_n_steps=3, sinks=[rec])
+    out = {}
+    for fit in ("first", "second"):
+        model.fit(x, y, batch_size=BATCH, epochs=2 if fit == "first" else 1, verbose=0, shuffle=False, callbacks=[cb])
+        out[fit] = {"iterations": int(model.optimizer.iterations.numpy()), "host_steps": cb.state_dict()["host_steps"],
+                    "totals_steps": cb.totals["steps"], "sink_steps": list(rec.steps)}
+    return out
+
+
+
     """state_dict saved under clip="auto", resumed under another clip=: tracker, findings and
     totals carry, the new policy starts fresh, with a warning naming both."""
     x, y = _poisoned(2 * BATCH + 1)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # subprocesses: every Keras backend / several ran
 
 from keras_runner import BACKENDS, CaseRunner
 
-CASES = ["async_dispatch", "accumulation", "fine_tune", "other_model", "pure_look", "clip_change", "policies", "bn_skip",
+CASES = ["async_dispatch", "partial_execution", "accumulation", "fine_tune", "other_model", "pure_look", "clip_change", "policies", "bn_skip",
          "lstm_names", "surface", "dead_units", "other_shapes", "own_optimizers"]
 _runner = CaseRunner({backend: CASES for backend in BACKENDS})
 
@@ -188,3 +188,17 @@ def test_batch_ends_dispatched_to_worker_threads_change_nothing(backend):
         assert all(whole for _, whole in run["saved"] + ref["saved"])  # never a half-committed log step
         # Loading a state from a worker thread mid-fit is refused, clearly.
         assert len(run["refused"]) == run["on_worker"] and all("fit's thread" in e for e in run["refused"])
+
+
+@backends
+def test_a_partial_last_execution_is_counted_as_the_steps_it_ran(backend):
+    r = case(backend, "partial_execution")
+    if r.get("skipped"):
+        pytest.skip("Keras allows only steps_per_execution=1 on the torch backend")
+    first, second = r["first"], r["second"]
+    assert first["iterations"] == first["host_steps"] == first["totals_steps"] == 20  # not 24
+    assert second["iterations"] == second["host_steps"] == second["totals_steps"] == 30
+    # Executions end at steps 2, 5, 8, then 9 (partial): each one holding a report step reports
+    # (the epoch end flushes the partial one); the second epoch's end on 12, 15, 18, 19.
+    assert first["sink_steps"] == [2, 5, 8, 9, 12, 15, 18, 19]
+    assert second["sink_steps"][len(first["sink_steps"]):] == [22, 25, 28, 29]

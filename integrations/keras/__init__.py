@@ -288,6 +288,9 @@ class GradGuardCallback(keras.callbacks.Callback):
     def _batch_done(self, batch: int, logs: dict | None) -> None:
         """Count the optimizer steps up to the end of ``batch`` (of this epoch) and, if a log step
         is among them, judge the window. Idempotent: a batch already counted changes nothing."""
+        steps = (self.params or {}).get("steps")
+        if steps:  # Keras names the end of a partial last execution as if it were whole
+            batch = min(batch, int(steps) - 1)
         with _LOCK:
             batches = self._epoch_batches + batch + 1
             if batches <= self._fit_batches:
@@ -299,7 +302,9 @@ class GradGuardCallback(keras.callbacks.Callback):
                 return  # an accumulation micro-step: the optimizer did not step
             if not any(self.pipeline.is_log_step(s) for s in range(before, done)):
                 return
-            record = self._observe(report=self.pipeline.is_report_step(done - 1))
+            # An execution of several steps reports when one of them is a report step (after a
+            # partial execution they no longer end on one).
+            record = self._observe(report=any(self.pipeline.is_report_step(s) for s in range(before, done)))
         if record is not None and logs is not None:
             logs.update(self._logs_scalars(record))
 

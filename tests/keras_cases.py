@@ -841,7 +841,7 @@ def case_partial_execution():
     return out
 
 
-
+def case_clip_change():
     """state_dict saved under clip="auto", resumed under another clip=: tracker, findings and
     totals carry, the new policy starts fresh, with a warning naming both."""
     x, y = _poisoned(2 * BATCH + 1)

@@ -91,9 +91,10 @@ class GradGuardCallback(keras.callbacks.Callback):
 
     # Keras runs batch-end callbacks on a worker thread when every callback passed to fit allows it
     # (JAX and torch backends; its own progress bar and History count as allowing it), so the fit
-    # loop never waits on a step's logs. gradguard allows it: its log step reads and writes the train step's state,
-    # which only the fit's own thread may do, so a batch whose end ran on a worker is accounted
-    # for when the next batch begins or the epoch ends (its scalars reach the epoch's logs).
+    # loop never waits on a step's logs. gradguard allows it: its log step reads and writes the
+    # train step's state, which only the fit's own thread may do, so a batch whose end ran on a
+    # worker is accounted for when the next batch begins or the epoch ends (its scalars reach the
+    # epoch's logs).
     async_safe = True
 
     def __init__(self, *, logs: str | None = "norms", **options: Any):
@@ -160,7 +161,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         with _LOCK:
             live = self._read_live()
             if live is not None:
-                state, step = live
+                state, step, _ = live
                 decision_or_peek, _ = self.pipeline.observe(state, last_step=step - 1, commit=False)
                 return decision_or_peek
             return self.monitor.findings, dict(self.monitor.totals)
@@ -168,16 +169,15 @@ class GradGuardCallback(keras.callbacks.Callback):
     def _off_fit_thread(self) -> bool:
         return self._hook is not None and threading.get_ident() != self._fit_thread
 
-    def _read_live(self) -> tuple[dict, int] | None:
-        """The train step's state now; None outside a fit, and off the fit's thread (an
+    def _read_live(self) -> tuple[dict, int, np.ndarray] | None:
+        """The train step's state, step count and log-step extras now; None outside a fit, and off the fit's thread (an
         ``async_safe`` callback's batch end), where the state belongs to the fit's loop (JAX
         donates its buffers: syncing them from another thread crashed the fit)."""
         hook = self._hook
         if hook is None or hook.state_var is None or self._off_fit_thread():
             return None
         _ = self.model  # on JAX this syncs the jitted step's state into the Variables
-        state, step, _ = hook.read()
-        return state, step
+        return hook.read()
 
     # ------------------------------------------------------------------ fit lifecycle
 
@@ -351,26 +351,22 @@ class GradGuardCallback(keras.callbacks.Callback):
 
     def _observe(self, report: bool = True) -> LogRecord | None:
         with _LOCK:
-            return self._observe_locked(report)
-
-    def _observe_locked(self, report: bool) -> LogRecord | None:
-        hook = self._hook
-        if hook is None or hook.state_var is None:
-            return None
-        _ = self.model  # on JAX this syncs the jitted step's state into the Variables
-        state, step, extras = hook.read()
-        self._left_on_device = (state, step)
-        if float(state["acc_steps"]) == 0:
-            return None
-        self._last.record = None
-        self.pipeline.step = step
-        snapshot = self._snapshot(hook, extras, self.pipeline.window(state, last_step=step - 1))
-        if self.pipeline.ceiling is not None:
-            self.pipeline.optimizer_gain = _optim.optimizer_gain(self._ceiling_optimizer)
-        _, fresh = self.pipeline.observe(state, last_step=step - 1, snapshot=snapshot, report=report)
-        hook.write_state(fresh)
-        self._left_on_device = (fresh, step)
-        return self._last.record
+            live = self._read_live()
+            if live is None:
+                return None
+            state, step, extras = live
+            self._left_on_device = (state, step)
+            if float(state["acc_steps"]) == 0:
+                return None
+            self._last.record = None
+            self.pipeline.step = step
+            snapshot = self._snapshot(self._hook, extras, self.pipeline.window(state, last_step=step - 1))
+            if self.pipeline.ceiling is not None:
+                self.pipeline.optimizer_gain = _optim.optimizer_gain(self._ceiling_optimizer)
+            _, fresh = self.pipeline.observe(state, last_step=step - 1, snapshot=snapshot, report=report)
+            self._hook.write_state(fresh)
+            self._left_on_device = (fresh, step)
+            return self._last.record
 
     def _snapshot(self, hook: ApplyHook, extras_vec, window):
         ex = hook.extras_layout.parse(extras_vec)
@@ -413,7 +409,7 @@ class GradGuardCallback(keras.callbacks.Callback):
         with _LOCK:
             live = self._read_live()
             if live is not None:
-                return self._checkpoint(*live, host_steps=self._host_steps)
+                return self._checkpoint(*live[:2], host_steps=self._host_steps)
             if self._left_on_device is None:
                 return {}
             state, step = self._left_on_device
